@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install blipserve with its test dependencies.
+#
+# torch is installed first and pinned (TORCH_SPEC): a bare `torch` requirement on a
+# machine without torch pulls the newest CUDA build (several GB). Override TORCH_SPEC
+# for another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CPU wheel index>".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+VENV="${VENV:-.venv}"
+
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "blipserve needs Python 3.11+"'
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
+    "${pip[@]}" $TORCH_SPEC
+fi
+"${pip[@]}" -e '.[test]'
+echo "blipserve installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,1 @@
+"""blipserve: self-hosted BLIP-2 image-to-text."""

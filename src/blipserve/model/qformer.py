@@ -1,0 +1,151 @@
+"""Querying Transformer: 32 learned queries read the image through cross-attention.
+
+A BERT-style post-LN encoder over the query tokens only (OPT checkpoints never feed
+text to it). Layers ``i % cross_attention_frequency == 0`` also cross-attend to the
+image sequence:
+
+    query_tokens (1, 32, 768) --layernorm--> (B, 32, 768)
+    each layer:  x = LN(x + self_attn(x))
+                 x = LN(x + cross_attn(x, image))      # cross-attention layers only
+                 x = LN(x + ffn(x))                    # intermediate_query / output_query
+    --> (B, 32, 768)
+
+The reference keeps the Q-Former in fp32 whatever the model dtype; :mod:`blip2` casts
+its inputs and outputs. Parameter names match the ``qformer.*`` checkpoint keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blipserve.model.common import activation
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """Q-Former hyper-parameters; defaults are the reference's (BERT-base sized)."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+
+    @classmethod
+    def from_hf(cls, d: dict, *, encoder_hidden_size: int) -> QFormerConfig:
+        """Read ``qformer_config``; like the reference, the cross-attention input width
+        always follows the vision tower's hidden size, whatever the file says."""
+        known = {name: d[name] for name in cls.__dataclass_fields__ if name in d}
+        known["encoder_hidden_size"] = encoder_hidden_size
+        config = cls(**known)
+        assert config.hidden_size % config.num_attention_heads == 0, "hidden not divisible by heads"
+        return config
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def has_cross_attention(self, layer_idx: int) -> bool:
+        return layer_idx % self.cross_attention_frequency == 0
+
+
+class MultiHeadAttention(nn.Module):
+    """Separate query/key/value projections; keys and values may come from the image."""
+
+    def __init__(self, config: QFormerConfig, kv_size: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(kv_size, d)
+        self.value = nn.Linear(kv_size, d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) attends to context (B, S, kv_size) -> (B, T, d)."""
+        b, t, d = x.shape
+        q = self.query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.key(context).view(b, context.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.value(context).view(b, context.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        return out.transpose(1, 2).reshape(b, t, d)
+
+
+class ResidualOutput(nn.Module):
+    """Post-LN residual: ``LayerNorm(dense(h) + x)`` (BERT's SelfOutput / Output)."""
+
+    def __init__(self, in_size: int, config: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(h) + x)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, config: QFormerConfig, kv_size: int) -> None:
+        super().__init__()
+        self.attention = MultiHeadAttention(config, kv_size)
+        self.output = ResidualOutput(config.hidden_size, config)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.output(self.attention(x, context), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, config: QFormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention = AttentionBlock(config, config.hidden_size)
+        if config.has_cross_attention(layer_idx):
+            self.crossattention = AttentionBlock(config, config.encoder_hidden_size)
+        else:
+            self.crossattention = None
+        self.intermediate_query = Intermediate(config)
+        self.output_query = ResidualOutput(config.intermediate_size, config)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, x)
+        if self.crossattention is not None:
+            x = self.crossattention(x, image)
+        return self.output_query(self.intermediate_query(x), x)
+
+
+class QFormerEncoder(nn.Module):
+    """Holds ``layer`` under the checkpoint's ``encoder`` prefix."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_hidden_layers))
+
+
+class QFormer(nn.Module):
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = QFormerEncoder(config)
+
+    def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """queries (B, Q, d) and image (B, S, d_vision), both in this module's dtype -> (B, Q, d)."""
+        x = self.layernorm(queries)
+        for layer in self.encoder.layer:
+            x = layer(x, image)
+        return x

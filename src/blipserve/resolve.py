@@ -1,0 +1,83 @@
+"""Model names -> a local checkpoint directory.
+
+A name is resolved in this order:
+
+1. ``demo``: the small model bundled inside the package (it arrives with the demo-model
+   release; until then a clear :class:`ModelNotFound`);
+2. an existing local path: a directory in the Hugging Face layout (``config.json`` and
+   weights);
+3. a Hugging Face Hub id (``Salesforce/blip2-opt-2.7b``): the local Hub cache first, then a
+   download through ``huggingface_hub``. Only safetensors are fetched when the repository
+   has them (the Salesforce repos also carry fp32 ``.bin`` copies: 15 GB we do not need).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from blipserve.errors import ModelNotFound
+
+DEMO_NAME = "demo"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONFIG_FILES = ["*.json", "*.txt"]  # config, tokenizer, preprocessor, generation config
+WEIGHT_PATTERNS = (["*.safetensors"], ["*.bin"])  # preferred first
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """Return the directory holding checkpoint ``name``; raise :class:`ModelNotFound` if none."""
+    if name == DEMO_NAME:
+        return demo_checkpoint()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"{path} is not a BLIP-2 checkpoint directory: it has no config.json"
+            )
+        return path
+    if HUB_ID.match(name):
+        return download_from_hub(name)
+    raise ModelNotFound(
+        f"model {name!r} is neither 'demo', an existing directory, nor a Hub id like "
+        "'Salesforce/blip2-opt-2.7b'"
+    )
+
+
+def demo_checkpoint() -> Path:
+    directory = Path(__file__).parent / "demo_model"
+    if not (directory / "config.json").is_file():
+        raise ModelNotFound(
+            "the bundled demo model is not part of this blipserve build yet; pass a "
+            "checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b' with --model"
+        )
+    return directory
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Cached snapshot of ``repo_id``, downloading what is missing when online."""
+    from huggingface_hub import snapshot_download  # import on use: start-up stays light
+
+    last_error: Exception | None = None
+    for local_only in (True, False):
+        for weights in WEIGHT_PATTERNS:
+            try:
+                path = Path(
+                    snapshot_download(
+                        repo_id, allow_patterns=CONFIG_FILES + weights, local_files_only=local_only
+                    )
+                )
+            except Exception as exc:  # offline, not found, gated, network: all say the same
+                last_error = exc
+                continue
+            if (path / "config.json").is_file() and any(path.glob(weights[0])):
+                return path
+    raise ModelNotFound(
+        f"cannot get {repo_id!r}: it is not in the local Hugging Face cache and downloading it "
+        f"failed ({type(last_error).__name__}: {_first_line(last_error)}). On a machine with "
+        f"internet run `hf download {repo_id} --local-dir DIR` (or let blipserve download it "
+        "there), copy DIR here and pass it as the model"
+    )
+
+
+def _first_line(exc: Exception | None) -> str:
+    return str(exc).strip().splitlines()[0] if exc and str(exc).strip() else "no details"

@@ -1,0 +1,154 @@
+"""Checkpoint files -> a loaded :class:`Blip2Model`, with every tensor accounted for.
+
+Our modules use the Hugging Face parameter names, so the mapping from checkpoint keys to
+our keys is the identity except for the cases in :data:`SKIPPED` and the legacy
+vision-attention biases. Loading:
+
+1. build the model on the meta device (no allocation, no random init);
+2. stream tensors file by file, converting each straight to its target dtype and device
+   (float32 for the Q-Former and query tokens, the requested dtype for the rest);
+3. check every key: consumed, or skipped with a stated reason; shapes must match;
+4. ``load_state_dict(assign=True)`` and tie ``lm_head`` to the input embedding.
+
+Any missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming the
+tensor and the file it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from blipserve.errors import CheckpointError
+from blipserve.model.blip2 import Blip2Config, Blip2Model, keeps_fp32
+
+# Checkpoint keys we read but do not use, each with the reason. Regexes over full keys.
+SKIPPED: dict[str, str] = {
+    r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.": (
+        "the Q-Former's text feed-forward; OPT checkpoints never feed text to the Q-Former"
+    ),
+    r"qformer\.embeddings\.": "the Q-Former's text embeddings, used only for image-text matching",
+    r".*\.position_ids$": "a constant index buffer; positions are computed, not stored",
+}
+TIED_HEAD = "language_model.lm_head.weight"
+INPUT_EMBEDDING = "language_model.model.decoder.embed_tokens.weight"
+LEGACY_BIAS = re.compile(r"(vision_model\.encoder\.layers\.\d+\.self_attn)\.(q_bias|v_bias)$")
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The weight files of a Hugging Face checkpoint directory, in load order.
+
+    Preference: sharded safetensors (index), ``model.safetensors``, sharded ``.bin`` (index),
+    ``pytorch_model.bin``.
+    """
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = directory / index_name
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            missing = [name for name in shards if not (directory / name).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{index_path} lists shards that are not in {directory}: {', '.join(missing)}"
+                )
+            return [directory / name for name in shards]
+        single = directory / index_name.replace(".index.json", "")
+        if single.is_file():
+            return [single]
+    present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    raise CheckpointError(
+        f"no weights in {directory}: expected model.safetensors(.index.json) or "
+        f"pytorch_model.bin(.index.json); found {present or 'nothing'}"
+    )
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file, read lazily where the format allows."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield name, f.get_tensor(name)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
+        yield from state.items()
+
+
+def skip_reason(name: str) -> str | None:
+    for pattern, reason in SKIPPED.items():
+        if re.match(pattern, name):
+            return reason
+    return None
+
+
+def load_model(
+    directory: Path,
+    config: Blip2Config,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Blip2Model:
+    """Build a :class:`Blip2Model` from ``directory``'s weight files."""
+    with torch.device("meta"):
+        model = Blip2Model(config)
+    expected = model.state_dict()  # meta tensors: names and shapes
+    tie_head = config.tie_word_embeddings
+    loaded: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    legacy_biases: dict[str, dict[str, torch.Tensor]] = {}
+
+    def target_dtype(name: str) -> torch.dtype:
+        return torch.float32 if keeps_fp32(name) else dtype
+
+    for path in checkpoint_files(directory):
+        for name, tensor in iter_tensors(path):
+            if skip_reason(name) or (name == TIED_HEAD and tie_head):
+                continue
+            if legacy := LEGACY_BIAS.match(name):
+                legacy_biases.setdefault(legacy.group(1), {})[legacy.group(2)] = tensor
+                source[f"{legacy.group(1)}.qkv.bias"] = path
+                continue
+            if name not in expected:
+                raise CheckpointError(
+                    f"unexpected tensor {name!r} in {path}: it does not belong to a BLIP-2 "
+                    "OPT model with this config.json"
+                )
+            _check_shape(name, tensor, expected[name], path)
+            loaded[name] = tensor.to(device=device, dtype=target_dtype(name))
+            source[name] = path
+
+    for prefix, parts in legacy_biases.items():
+        name = f"{prefix}.qkv.bias"
+        if set(parts) != {"q_bias", "v_bias"}:
+            raise CheckpointError(f"{source[name]} has only {sorted(parts)} for {prefix}")
+        q, v = parts["q_bias"], parts["v_bias"]
+        bias = torch.cat([q, torch.zeros_like(q), v])  # k has no learned bias
+        _check_shape(name, bias, expected[name], source[name])
+        loaded[name] = bias.to(device=device, dtype=target_dtype(name))
+
+    if tie_head and INPUT_EMBEDDING in loaded:
+        loaded[TIED_HEAD] = loaded[INPUT_EMBEDDING]
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory} is missing {len(missing)} tensors: {shown}")
+
+    model.load_state_dict(loaded, strict=True, assign=True)
+    if tie_head:
+        model.tie_weights()
+    return model.eval()
+
+
+def _check_shape(name: str, tensor: torch.Tensor, want: torch.Tensor, path: Path) -> None:
+    if tuple(tensor.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, but config.json "
+            f"implies {tuple(want.shape)}"
+        )
