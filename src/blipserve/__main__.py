@@ -1,0 +1,5 @@
+import sys
+
+from blipserve.cli import main
+
+sys.exit(main())

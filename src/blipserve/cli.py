@@ -1,0 +1,153 @@
+"""``blipserve`` command line: argument parsing only; the work is done by :class:`Pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from blipserve.errors import BlipserveError
+
+GENERATION_FLAGS: list[tuple[str, type, str]] = [
+    ("max_new_tokens", int, "most tokens to generate (default: the checkpoint's, 20)"),
+    ("min_new_tokens", int, "fewest tokens before the end-of-text token is allowed"),
+    ("num_beams", int, "beam search width (1 = greedy or sampling)"),
+    ("length_penalty", float, "beam search: exponent on length when ranking finished beams"),
+    ("temperature", float, "sampling temperature (with --sample)"),
+    ("top_k", int, "sampling: keep the k most likely tokens"),
+    ("top_p", float, "sampling: keep the smallest set of tokens with this total probability"),
+    ("repetition_penalty", float, "penalise tokens already in the context (>1 discourages)"),
+    ("num_return_sequences", int, "continuations per image (needs --sample or enough beams)"),
+    ("seed", int, "random seed for sampling"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blipserve", description="BLIP-2 image captioning, visual question answering and chat."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    caption = commands.add_parser("caption", help="caption images, one line per image")
+    caption.add_argument("images", nargs="+", help="image paths, http(s) URLs, or - for stdin")
+    caption.add_argument("--prompt", help='text the caption continues, e.g. "a photo of"')
+    caption.add_argument("--json", action="store_true", help="print JSON lines")
+    caption.add_argument("--batch-size", type=int, default=8, help="images per model call")
+
+    ask = commands.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("image", help="image path, http(s) URL, or - for stdin")
+    ask.add_argument("question")
+    ask.add_argument("--template", default=None, help='VQA prompt with {question}')
+
+    chat = commands.add_parser("chat", help="talk about an image; an empty line or EOF ends")
+    chat.add_argument("image", help="image path, http(s) URL, or - for stdin")
+
+    for sub in (caption, ask, chat):
+        add_common_flags(sub)
+    return parser
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="demo, a checkpoint directory or Hub id")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
+    gen = parser.add_argument_group("generation")
+    for name, kind, text in GENERATION_FLAGS:
+        gen.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
+    gen.add_argument(
+        "--early-stopping", action="store_true", help="beam search: stop once enough beams end"
+    )
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {name: getattr(args, name) for name, _, _ in GENERATION_FLAGS}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.sample:
+        options["do_sample"] = True
+    if args.early_stopping:
+        options["early_stopping"] = True
+    if args.stop:
+        options["stop"] = tuple(args.stop)
+    return options
+
+
+def read_image_arg(source: str) -> Any:
+    """``-`` means the image bytes arrive on standard input."""
+    return sys.stdin.buffer.read() if source == "-" else source
+
+
+def run_caption(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
+    if args.batch_size < 1:
+        raise BlipserveError("--batch-size must be at least 1")
+    for start in range(0, len(args.images), args.batch_size):
+        names = args.images[start : start + args.batch_size]
+        try:
+            rows = pipe.generate([read_image_arg(n) for n in names], args.prompt, **gen)
+        except BlipserveError as exc:
+            row = getattr(exc, "row", None)
+            if row is not None:  # name the file, not its position in this chunk
+                raise BlipserveError(f"{names[row]}: {exc.reason}") from exc
+            raise
+        for name, generations in zip(names, rows, strict=True):
+            if args.json:
+                record = {"image": name, "text": generations[0].text}
+                record["finish_reason"] = generations[0].finish_reason
+                if len(generations) > 1:
+                    record["texts"] = [g.text for g in generations]
+                print(json.dumps(record), flush=True)
+            else:
+                print(" | ".join(g.text for g in generations), flush=True)
+
+
+def run_chat(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
+    image = read_image_arg(args.image)
+    prefix = pipe.encode_images([image])  # checks the image once, before the first question
+    del prefix
+    interactive = sys.stdin.isatty() and args.image != "-"
+    messages: list[dict[str, str]] = []
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        messages.append({"role": "user", "content": line.strip()})
+        reply = pipe.chat(image, messages, **gen)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"blip> {reply}" if interactive else reply, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import blipserve
+
+        pipe = blipserve.load(
+            args.model, device=args.device, dtype=args.dtype, exif_transpose=not args.no_exif
+        )
+        gen = generation_options(args)
+        pipe.params(**gen)  # refuse bad options before any work
+        if args.command == "caption":
+            run_caption(pipe, args, gen)
+        elif args.command == "ask":
+            extra = {"template": args.template} if args.template else {}
+            print(pipe.ask(read_image_arg(args.image), args.question, **extra, **gen), flush=True)
+        else:
+            run_chat(pipe, args, gen)
+    except BlipserveError as exc:
+        print(f"blipserve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Tiny random BLIP-2 checkpoints written by transformers, in every layout we load.
+
+The reference (transformers) builds and saves each model, so our loader reads exactly
+what ``save_pretrained`` writes; the layout variants then rewrite the weight files the
+way older or other exporters did (``.bin``, legacy vision biases, explicit ``lm_head``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    BlipImageProcessor,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    GenerationConfig,
+)
+
+from tests.tokenizer_fixtures import build_test_tokenizer
+
+LAYOUTS = ("sharded", "single", "bin", "bin-sharded", "with-lm-head", "legacy-qv-bias")
+
+# The blip2-opt-2.7b preprocessor, written out in full.
+PREPROCESSOR = {
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 224, "width": 224},
+}
+
+
+def tokenizer_dir(root: Path) -> Path:
+    directory = root / "tokenizer"
+    if not (directory / "vocab.json").exists():
+        build_test_tokenizer(directory, with_tokenizer_json=False)
+    return directory
+
+
+def tiny_config(vocab: dict[str, int], variant: int = 0) -> Blip2Config:
+    """Small BLIP-2 configs; ``variant`` changes depth, widths, queries and cross-attention."""
+    newline = vocab["Ċ"]  # byte-level BPE's "\n": the BLIP-2 OPT eos
+    shapes = [
+        dict(vis=(32, 64, 2, 4), qf=(32, 64, 2, 4, 2), lm=(32, 64, 2, 4), queries=8),
+        dict(vis=(48, 96, 3, 4), qf=(24, 48, 3, 2, 1), lm=(64, 128, 3, 8), queries=32),
+        dict(vis=(40, 80, 1, 5), qf=(32, 96, 4, 8, 3), lm=(48, 96, 2, 6), queries=4),
+    ][variant]
+    vh, vi, vl, vn = shapes["vis"]
+    qh, qi, ql, qn, freq = shapes["qf"]
+    th, tf, tl, tn = shapes["lm"]
+    return Blip2Config(
+        vision_config=dict(
+            hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
+            image_size=224, patch_size=14,
+        ),
+        qformer_config=dict(
+            hidden_size=qh, intermediate_size=qi, num_hidden_layers=ql, num_attention_heads=qn,
+            cross_attention_frequency=freq,
+        ),
+        text_config=dict(
+            model_type="opt", vocab_size=len(vocab) + 4, hidden_size=th, ffn_dim=tf,
+            num_hidden_layers=tl, num_attention_heads=tn, max_position_embeddings=256,
+            word_embed_proj_dim=th, bos_token_id=2, pad_token_id=1, eos_token_id=newline,
+        ),
+        num_query_tokens=shapes["queries"],
+        image_token_index=vocab["<image>"],
+    )
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter seeded random values (reference init zeroes query tokens and
+    biases); the language model's embedding is scaled up so logits have clear winners."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.5 if "embed_tokens" in name else 0.05
+            if "LayerNorm.weight" in name or "layer_norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(scale * torch.randn(param.shape, generator=generator))
+
+
+def build_reference(root: Path, variant: int = 0, seed: int = 0) -> Blip2ForConditionalGeneration:
+    vocab = json.loads((tokenizer_dir(root) / "vocab.json").read_text())
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(tiny_config(vocab, variant)).eval()
+    randomize(model, seed)
+    return model
+
+
+def save_checkpoint(model: Blip2ForConditionalGeneration, root: Path, layout: str) -> Path:
+    """Write ``model`` as a complete checkpoint directory in ``layout``."""
+    assert layout in LAYOUTS, layout
+    directory = root / layout
+    shard = "20KB" if layout in ("sharded", "bin-sharded") else "50GB"
+    model.save_pretrained(directory, max_shard_size=shard)
+    _copy_tokenizer(tokenizer_dir(root), directory)
+    BlipImageProcessor(**PREPROCESSOR).save_pretrained(directory)
+    text = model.config.text_config
+    GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    ).save_pretrained(directory)
+    if layout.startswith("bin"):
+        _to_bin(directory)
+    elif layout == "with-lm-head":
+        _rewrite_single(directory, _add_lm_head)
+    elif layout == "legacy-qv-bias":
+        _rewrite_single(directory, _split_qkv_bias)
+    return directory
+
+
+def _copy_tokenizer(source: Path, directory: Path) -> None:
+    for path in source.iterdir():
+        (directory / path.name).write_bytes(path.read_bytes())
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def _rewrite_single(directory: Path, change) -> None:
+    (path,) = _safetensors_files(directory)
+    state = change(load_file(path))
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def _add_lm_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    assert "language_model.lm_head.weight" not in state, "transformers now stores lm_head"
+    head = state["language_model.model.decoder.embed_tokens.weight"].clone()
+    return {**state, "language_model.lm_head.weight": head}
+
+
+def _split_qkv_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Old conversions stored the vision qkv bias as separate q_bias and v_bias."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("self_attn.qkv.bias"):
+            q, _, v = tensor.chunk(3)
+            prefix = name.removesuffix("qkv.bias")
+            out[prefix + "q_bias"], out[prefix + "v_bias"] = q.clone(), v.clone()
+        else:
+            out[name] = tensor
+    return out
+
+
+def _to_bin(directory: Path) -> None:
+    """Turn safetensors (single or sharded) into pytorch_model*.bin with the same split."""
+    files = _safetensors_files(directory)
+    weight_map = {}
+    for i, path in enumerate(files, start=1):
+        name = (
+            "pytorch_model.bin" if len(files) == 1 else f"pytorch_model-{i:05d}-of-{len(files):05d}.bin"
+        )
+        state = load_file(path)
+        torch.save(state, directory / name)
+        weight_map.update({key: name for key in state})
+        path.unlink()
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        index.unlink()
+        (directory / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
