@@ -1,0 +1,472 @@
+"""Turn whatever a user sends (PIL image, array, path, bytes, base64, URL) into a decoded PIL image.
+
+Every failure raises :class:`~blipserve.errors.InvalidImage` with a message the user can act on
+and, in a batch, the row of the offending input. Size limits are checked before pixel data is
+decoded, so a small file that claims huge dimensions (a decompression bomb) costs nothing.
+
+The image is returned in its own mode (``L``, ``RGBA``, ``P``, ``CMYK``...): converting to RGB is
+the image processor's job, done exactly as the reference does it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from blipserve.errors import InvalidImage
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size: file, download or decoded base64
+MAX_IMAGE_PIXELS = 40_000_000  # width * height, checked before decoding
+URL_TIMEOUT_S = 10.0  # connect, and each read
+URL_TOTAL_TIMEOUT_S = 30.0  # the whole download, so a trickling server cannot hold a worker
+MAX_REDIRECTS = 3
+
+# Formats we decode. Restricting them keeps PIL away from plugins that shell out (EPS) or are
+# rarely what a client meant to send.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG covers MPO
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{1,4}$")
+# First bytes of the SUPPORTED_FORMATS: JPEG, PNG, GIF, BMP, TIFF (both byte orders), WEBP.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\0", b"MM\0*", b"RIFF")
+_CHUNK_BYTES = 64 * 1024
+_USER_AGENT = "blipserve"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits applied to every image input; the defaults suit a public server."""
+
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+    timeout_s: float = URL_TIMEOUT_S
+    total_timeout_s: float = URL_TOTAL_TIMEOUT_S
+    max_redirects: int = MAX_REDIRECTS
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def load_image(
+    source: Any,
+    *,
+    row: int | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    exif_transpose: bool = True,
+) -> Image.Image:
+    """Decode one image input into a fully loaded PIL image in its own mode.
+
+    ``source`` may be a PIL image, a numpy array (HxW, HxWx3, HxWx4; uint8, or float in [0, 1]),
+    a path (str or os.PathLike), raw encoded bytes, a base64 string (plain, MIME with line
+    breaks, or a ``data:image/...;base64,`` URL) or an http(s) URL. EXIF orientation is applied
+    unless ``exif_transpose`` is False (the reference model code does not apply it).
+    """
+    try:
+        image = _to_image(source, limits)
+    except InvalidImage as err:
+        raise InvalidImage(err.reason, row=row) from err.__cause__
+    return _apply_exif_orientation(image) if exif_transpose else image
+
+
+def load_images(
+    sources: Sequence[Any],
+    *,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    exif_transpose: bool = True,
+) -> list[Image.Image]:
+    """Decode a batch of image inputs; an error names the index of the bad input as ``row``."""
+    return [
+        load_image(source, row=row, limits=limits, exif_transpose=exif_transpose)
+        for row, source in enumerate(sources)
+    ]
+
+
+def _to_image(source: Any, limits: ImageLimits) -> Image.Image:
+    """Dispatch on the input's type. Raises InvalidImage without a row."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, limits)
+        return _load_pixels(source, limits, nbytes=None)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, limits)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return decode_image_bytes(bytes(source), limits)
+    if isinstance(source, str):
+        return _from_string(source, limits)
+    if isinstance(source, os.PathLike):
+        return decode_image_bytes(_read_file(source, limits), limits)
+    raise InvalidImage(
+        f"unsupported image input of type {type(source).__name__}; expected a PIL image, "
+        "numpy array, file path, bytes, base64 string or http(s) URL"
+    )
+
+
+# --- strings: URL, data URL, path or base64 ---------------------------------------------------
+
+
+def _from_string(text: str, limits: ImageLimits) -> Image.Image:
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidImage("empty string; expected a file path, http(s) URL or base64 image")
+    if _URL_SCHEME.match(stripped):  # fetch_url refuses schemes other than http(s)
+        return decode_image_bytes(fetch_url(stripped, limits), limits)
+    if stripped[:5].lower() == "data:":
+        return decode_image_bytes(_decode_data_url(stripped, limits), limits)
+    if _exists(text):
+        return decode_image_bytes(_read_file(text, limits), limits)
+    data = _b64decode(stripped, limits)
+    if data is not None:
+        return _decode_base64_or_path(data, stripped, limits)
+    if _looks_like_path(stripped):
+        raise InvalidImage(f"no such file: {_preview(stripped)}")
+    raise InvalidImage(
+        f"not a file path, URL or base64 image (got {len(stripped)} characters: "
+        f"{_preview(stripped)})"
+    )
+
+
+def _decode_base64_or_path(data: bytes, text: str, limits: ImageLimits) -> Image.Image:
+    """Decode base64 payload bytes; a '/a/b'-like string that decodes to no known image format
+    was probably a path (JPEG base64 starts with '/9j/', so '/' alone does not decide)."""
+    try:
+        return decode_image_bytes(data, limits)
+    except InvalidImage as err:
+        if not _looks_like_path(text) or _has_image_header(data):
+            raise
+        raise InvalidImage(
+            f"no such file: {_preview(text)} (read as base64 instead: {err.reason})"
+        ) from None
+
+
+def _has_image_header(data: bytes) -> bool:
+    return data.startswith(_IMAGE_SIGNATURES)
+
+
+def _exists(text: str) -> bool:
+    # Long strings are base64 payloads, not paths; skip the pointless stat call.
+    return len(text) < 4096 and os.path.exists(text)
+
+
+def _looks_like_path(text: str) -> bool:
+    return len(text) < 4096 and (
+        text.startswith(("/", "./", "../", "~")) or "\\" in text or bool(_FILE_SUFFIX.search(text))
+    )
+
+
+def _b64decode(text: str, limits: ImageLimits) -> bytes | None:
+    """Strict standard base64, ignoring whitespace (MIME line breaks); None if it is not base64."""
+    compact = "".join(text.split())
+    if len(compact) > limits.max_bytes * 4 // 3 + 4:
+        raise InvalidImage(
+            f"base64 image is {len(compact)} characters, over the {_mb(limits.max_bytes)} limit"
+        )
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data or None
+
+
+def _decode_data_url(text: str, limits: ImageLimits) -> bytes:
+    header, comma, payload = text.partition(",")
+    if not comma:
+        raise InvalidImage("malformed data URL: no ',' between the header and the data")
+    if not header.lower().endswith(";base64"):
+        raise InvalidImage(
+            f"data URL must be base64-encoded (expected 'data:image/...;base64,', got {header!r})"
+        )
+    if not payload.strip():
+        raise InvalidImage("data URL carries no image data")
+    data = _b64decode(payload, limits)
+    if data is None:
+        raise InvalidImage(f"invalid base64 in data URL ({len(payload)} characters)")
+    return data
+
+
+# --- files and arrays -------------------------------------------------------------------------
+
+
+def _read_file(path: str | os.PathLike, limits: ImageLimits) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except FileNotFoundError:
+        raise InvalidImage(f"no such file: {_preview(os.fspath(path))}") from None
+    except IsADirectoryError:
+        raise InvalidImage(f"{_preview(os.fspath(path))} is a directory, not an image") from None
+    except OSError as err:
+        raise InvalidImage(f"cannot read {_preview(os.fspath(path))}: {err.strerror}") from err
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(f"file {Path(path).name!r} is over the {_mb(limits.max_bytes)} limit")
+    return data
+
+
+def _from_array(array: np.ndarray, limits: ImageLimits) -> Image.Image:
+    """(H, W), (H, W, 1|3|4) uint8 (or float in [0, 1], or integers in [0, 255]) -> PIL image."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise InvalidImage(
+            f"array of shape {array.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4)"
+        )
+    if array.size == 0:
+        raise InvalidImage(f"array of shape {array.shape} has no pixels")
+    _check_pixels((array.shape[1], array.shape[0]), limits)
+    return Image.fromarray(np.ascontiguousarray(_to_uint8(array)))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = float(np.min(array)), float(np.max(array))
+        if not (np.isfinite(low) and np.isfinite(high) and low >= 0.0 and high <= 1.0):
+            raise InvalidImage(
+                f"float image arrays must hold values in [0, 1] (got min {low:g}, max {high:g}); "
+                "pass uint8 for 0-255 pixel values"
+            )
+        return np.round(array * 255.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+        low, high = int(np.min(array)), int(np.max(array))
+        if low >= 0 and high <= 255:
+            return array.astype(np.uint8)
+        raise InvalidImage(
+            f"integer image arrays must hold values in [0, 255] (got {array.dtype} with min "
+            f"{low}, max {high})"
+        )
+    raise InvalidImage(f"unsupported array dtype {array.dtype}; expected uint8 or float in [0, 1]")
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def decode_image_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode encoded image bytes, refusing oversized inputs before the pixels are decoded."""
+    if not data:
+        raise InvalidImage("empty image data (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(
+            f"image data is {len(data)} bytes, over the {_mb(limits.max_bytes)} limit"
+        )
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidImage(f"not an image (got {_describe_bytes(data)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InvalidImage(_bomb_message(err, limits)) from None
+    except Exception as err:  # PIL's parsers raise many types on hostile headers
+        raise InvalidImage(f"truncated or corrupt image data ({len(data)} bytes): {err}") from err
+    _check_pixels(image.size, limits)
+    return _load_pixels(image, limits, nbytes=len(data))
+
+
+def _load_pixels(image: Image.Image, limits: ImageLimits, *, nbytes: int | None) -> Image.Image:
+    """Decode the pixel data now, so truncated files fail here and not in the model worker."""
+    try:
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InvalidImage(_bomb_message(err, limits)) from None
+    except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, zlib.error...
+        what = ", ".join(str(x) for x in (image.format, nbytes and f"{nbytes} bytes") if x)
+        raise InvalidImage(f"truncated or corrupt image data ({what or image.mode})") from err
+    return image
+
+
+def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            f"image is {width}x{height} = {_megapixels(width * height)} megapixels, over the "
+            f"{_megapixels(limits.max_pixels)} megapixel limit"
+        )
+
+
+def _bomb_message(err: Exception, limits: ImageLimits) -> str:
+    # PIL refuses images far beyond its own limit inside Image.open, before we can read .size;
+    # its message carries the pixel count.
+    match = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{_megapixels(int(match.group(1)))} megapixels" if match else "too large"
+    return (
+        f"image is {size}, over the {_megapixels(limits.max_pixels)} megapixel limit "
+        "(refused before decoding)"
+    )
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a corrupt EXIF block should not cost the user their caption
+        return image
+
+
+# --- URLs -------------------------------------------------------------------------------------
+
+
+def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """Download an http(s) URL with a timeout, a redirect cap and a byte cap.
+
+    Every URL requested, the first and each redirect target, passes through ``_check_url``:
+    the single place to add an address policy (e.g. refusing private addresses).
+    """
+    _check_url(url)
+    opener = urllib.request.build_opener(_RedirectPolicy(limits.max_redirects))
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    where = _describe_url(url)
+    try:
+        with opener.open(request, timeout=limits.timeout_s) as response:
+            return _read_capped(response, where, limits)
+    except urllib.error.HTTPError as err:
+        err.close()
+        raise InvalidImage(f"fetching {where} failed: HTTP {err.code} {err.reason}") from None
+    except urllib.error.URLError as err:
+        raise InvalidImage(_connection_message(err.reason, url)) from None
+    except TimeoutError:
+        raise InvalidImage(f"timed out after {limits.timeout_s:g} s fetching {where}") from None
+    except (OSError, ValueError, http.client.HTTPException) as err:  # resets, bad responses
+        raise InvalidImage(f"fetching {where} failed: {err}") from None
+
+
+def _check_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidImage(
+            f"unsupported URL scheme {parts.scheme!r}; only http:// and https:// are fetched"
+        )
+    if not parts.hostname:
+        raise InvalidImage(f"URL has no host: {_preview(url)}")
+    try:
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError:
+        raise InvalidImage(f"URL has an invalid port: {_preview(url)}") from None
+
+
+class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
+    """Follow at most ``max_redirects`` redirects, each checked like the first URL.
+
+    One instance serves one fetch, so it can count.
+    """
+
+    def __init__(self, max_redirects: int) -> None:
+        super().__init__()
+        self.max_redirects = max_redirects
+        self.followed = 0
+
+    def http_error_302(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Message,
+    ) -> Any:
+        location = headers.get("Location") or headers.get("URI")
+        if location:  # without one, urllib reports the 3xx response as an HTTP error
+            try:
+                self._check(req.full_url, urllib.parse.urljoin(req.full_url, location))
+            except InvalidImage:
+                fp.close()
+                raise
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    def _check(self, url: str, target: str) -> None:
+        self.followed += 1
+        if self.followed > self.max_redirects:
+            raise InvalidImage(
+                f"too many redirects fetching {_describe_url(url)} (more than {self.max_redirects})"
+            )
+        try:
+            _check_url(target)
+        except InvalidImage as err:
+            raise InvalidImage(f"redirect refused: {err.reason}") from None
+
+
+def _read_capped(response: Any, where: str, limits: ImageLimits) -> bytes:
+    """Read the body in chunks, stopping as soon as it exceeds the byte or time limit."""
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+        raise InvalidImage(
+            f"{where} is {int(declared)} bytes, over the {_mb(limits.max_bytes)} limit"
+        )
+    deadline = time.monotonic() + limits.total_timeout_s
+    body = bytearray()
+    while chunk := response.read1(_CHUNK_BYTES):  # read1: whatever arrived, so we see the clock
+        body += chunk
+        if len(body) > limits.max_bytes:
+            raise InvalidImage(f"{where} is over the {_mb(limits.max_bytes)} limit")
+        if time.monotonic() > deadline:
+            raise InvalidImage(
+                f"download of {where} took over {limits.total_timeout_s:g} s; gave up"
+            )
+    return bytes(body)
+
+
+def _connection_message(reason: Any, url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    if isinstance(reason, ConnectionRefusedError):
+        return f"cannot connect to {host}:{port}: connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve host {host!r}"
+    if isinstance(reason, TimeoutError):
+        return f"timed out connecting to {host}:{port}"
+    detail = getattr(reason, "strerror", None) or str(reason)
+    return f"cannot fetch from {host}:{port}: {detail}"
+
+
+def _describe_url(url: str) -> str:
+    """scheme://host[:port]/path, without credentials or query string (signed URLs hold secrets)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    text = f"{parts.scheme}://{netloc}{parts.path}"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# --- message helpers --------------------------------------------------------------------------
+
+
+def _describe_bytes(data: bytes) -> str:
+    try:
+        text = data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if not text or not "".join(text.split()).isprintable():
+        return f"{len(data)} bytes of binary data starting {data[:8].hex(' ')}"
+    kind = "HTML" if text.lstrip()[:1] == "<" else "text"
+    return f"{len(data)} bytes of {kind}: {_preview(text)}"
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    """repr of text, cut in the middle when long so both ends (a file name) stay visible."""
+    if len(text) > limit:
+        head = (limit - 3) // 2
+        text = text[:head] + "..." + text[len(text) - (limit - 3 - head) :]
+    return repr(text)
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.4g}"
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / (1024 * 1024):g} MB"
