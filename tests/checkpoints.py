@@ -44,7 +44,7 @@ def tokenizer_dir(root: Path) -> Path:
     return directory
 
 
-def tiny_config(vocab: dict[str, int], variant: int = 0) -> Blip2Config:
+def tiny_config(vocab: dict[str, int], image_token_id: int, variant: int = 0) -> Blip2Config:
     """Small BLIP-2 configs; ``variant`` changes depth, widths, queries and cross-attention."""
     newline = vocab["Ċ"]  # byte-level BPE's "\n": the BLIP-2 OPT eos
     shapes = [
@@ -70,7 +70,7 @@ def tiny_config(vocab: dict[str, int], variant: int = 0) -> Blip2Config:
             word_embed_proj_dim=th, bos_token_id=2, pad_token_id=1, eos_token_id=newline,
         ),
         num_query_tokens=shapes["queries"],
-        image_token_index=vocab["<image>"],
+        image_token_index=image_token_id,
     )
 
 
@@ -88,9 +88,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_reference(root: Path, variant: int = 0, seed: int = 0) -> Blip2ForConditionalGeneration:
-    vocab = json.loads((tokenizer_dir(root) / "vocab.json").read_text())
+    directory = tokenizer_dir(root)
+    vocab = json.loads((directory / "vocab.json").read_text())
+    image_token_id = json.loads((directory / "added_tokens.json").read_text())["<image>"]
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(tiny_config(vocab, variant)).eval()
+    model = Blip2ForConditionalGeneration(tiny_config(vocab, image_token_id, variant)).eval()
     randomize(model, seed)
     return model
 

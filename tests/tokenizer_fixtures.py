@@ -157,8 +157,11 @@ def _fast_tokenizer(vocab: dict[str, int], merges: list, image_id: int) -> Token
     tokenizer.post_processor = processors.TemplateProcessing(
         single="</s>:0 $A:0", pair="</s>:0 $A:0 $B:1", special_tokens=[("</s>", 2)]
     )
-    tokenizer.add_special_tokens([AddedToken("<pad>", normalized=True), AddedToken("</s>", normalized=True)])
-    tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False)])
+    tokenizer.add_special_tokens([
+        AddedToken("<pad>", normalized=True),
+        AddedToken("</s>", normalized=True),
+        AddedToken(IMAGE_TOKEN, normalized=False),
+    ])
     assert tokenizer.token_to_id(IMAGE_TOKEN) == image_id
     return tokenizer
 

@@ -1,0 +1,192 @@
+"""blipserve vs transformers on the same checkpoint, in one run.
+
+Each implementation runs in a child process of its own (so load time and peak memory
+are its own) on the same weights, photos and settings (greedy, ``--max-new-tokens``):
+
+- load: from the call to a model ready on the device;
+- latency: one image, end to end (pixels from a PIL image to generated token ids),
+  median over ``--repeats`` after one warm-up;
+- throughput: ``--images`` photos in batches of ``--batch-size``, images per second;
+- peak memory: CUDA peak allocated, or on CPU the process's peak resident set.
+
+It also checks both produced the same token ids. Usage:
+
+    python benchmarks/full_size.py --out /tmp/blip2-full --dtype bfloat16
+    python benchmarks/bench_vs_transformers.py --checkpoint /tmp/blip2-full --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from photos import photo_batch  # noqa: E402
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Blipserve:
+    def __init__(self, checkpoint: str, device: str, dtype: str) -> None:
+        import blipserve
+
+        self.pipe = blipserve.load(checkpoint, device=device, dtype=dtype, exif_transpose=False)
+
+    def run(self, images: list, max_new_tokens: int) -> list[list[int]]:
+        rows = self.pipe.generate(images, max_new_tokens=max_new_tokens)
+        return [row[0].token_ids for row in rows]
+
+
+class Transformers:
+    def __init__(self, checkpoint: str, device: str, dtype: str) -> None:
+        from transformers import Blip2ForConditionalGeneration, BlipImageProcessor
+
+        self.device = device
+        self.model = Blip2ForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=getattr(torch, dtype)
+        ).to(device).eval()
+        self.processor = BlipImageProcessor.from_pretrained(checkpoint)
+        config = self.model.config
+        self.start = [config.image_token_index] * config.num_query_tokens + [
+            config.text_config.bos_token_id
+        ]
+
+    @torch.inference_mode()
+    def run(self, images: list, max_new_tokens: int) -> list[list[int]]:
+        pixels = self.processor(images, return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, self.model.dtype)
+        input_ids = torch.tensor([self.start] * len(images), device=self.device)
+        out = self.model.generate(
+            pixel_values=pixels,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        new = out[:, input_ids.shape[1] :] if out.shape[1] > max_new_tokens else out
+        eos = self.model.generation_config.eos_token_id
+        return [trim_after_eos(row.tolist(), eos) for row in new]
+
+
+def trim_after_eos(ids: list[int], eos: int) -> list[int]:
+    """Padding after eos is transformers' batch filler, not output."""
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def measure(impl_name: str, args: argparse.Namespace) -> dict:
+    torch.set_grad_enabled(False)
+    impl_class = {"blipserve": Blipserve, "transformers": Transformers}[impl_name]
+    started = time.perf_counter()
+    impl = impl_class(str(args.checkpoint), args.device, args.dtype)
+    synchronize(args.device)
+    load_s = time.perf_counter() - started
+
+    single = photo_batch(1)
+    tokens_single = impl.run(single, args.max_new_tokens)  # warm-up
+    latencies = []
+    for _ in range(args.repeats):
+        synchronize(args.device)
+        t0 = time.perf_counter()
+        impl.run(single, args.max_new_tokens)
+        synchronize(args.device)
+        latencies.append(time.perf_counter() - t0)
+
+    images = photo_batch(args.images)
+    impl.run(images[: args.batch_size], args.max_new_tokens)  # warm-up at batch size
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    tokens_batch = []
+    for i in range(0, len(images), args.batch_size):
+        tokens_batch += impl.run(images[i : i + args.batch_size], args.max_new_tokens)
+    synchronize(args.device)
+    batch_s = time.perf_counter() - t0
+    return {
+        "impl": impl_name,
+        "load_s": load_s,
+        "latency_s": statistics.median(latencies),
+        "throughput_img_s": len(images) / batch_s,
+        "generated_tokens": sum(len(t) for t in tokens_batch),
+        "peak_memory_mb": peak_memory_mb(args.device),
+        "tokens_single": tokens_single,
+        "tokens_batch": tokens_batch,
+    }
+
+
+def report(results: dict[str, dict], args: argparse.Namespace) -> str:
+    ours, ref = results["blipserve"], results["transformers"]
+    same_single = ours["tokens_single"] == ref["tokens_single"]
+    same_batch = ours["tokens_batch"] == ref["tokens_batch"]
+    rows = [
+        ("load time (s)", "load_s", True),
+        ("single-image caption latency (s)", "latency_s", True),
+        (f"batch throughput, batch {args.batch_size} (images/s)", "throughput_img_s", False),
+        ("peak memory (MiB)", "peak_memory_mb", True),
+    ]
+    lines = [
+        f"checkpoint {args.checkpoint}, device {args.device}, dtype {args.dtype}, "
+        f"greedy, max_new_tokens {args.max_new_tokens}, {args.images} photos",
+        "",
+        "| measure | transformers | blipserve | blipserve advantage |",
+        "|---|---|---|---|",
+    ]
+    for label, key, lower_is_better in rows:
+        a, b = ref[key], ours[key]
+        ratio = a / b if lower_is_better else b / a
+        lines.append(f"| {label} | {a:.3f} | {b:.3f} | {ratio:.2f}x |")
+    lines.append("")
+    lines.append(
+        f"identical tokens: single image {same_single}, batch {same_batch} "
+        f"({ours['generated_tokens']} vs {ref['generated_tokens']} tokens)"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="blipserve vs transformers, same weights")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--child", choices=["blipserve", "transformers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return
+    results = {}
+    for impl in ("transformers", "blipserve"):
+        argv = [sys.executable, __file__, *sys.argv[1:], "--child", impl]
+        done = subprocess.run(argv, check=True, capture_output=True, text=True)
+        results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{impl}: done", file=sys.stderr)
+    text = report(results, args)
+    print(text)
+    if args.out:
+        args.out.write_text(json.dumps({"args": vars(args) | {"checkpoint": str(args.checkpoint),
+                                                             "out": str(args.out)},
+                                        "results": results, "report": text}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

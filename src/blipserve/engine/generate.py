@@ -1,0 +1,531 @@
+"""Prefix embeddings + prompt ids -> new token ids, token-identical to the reference.
+
+The reference (transformers 5.x ``Blip2ForConditionalGeneration.generate``) feeds its OPT
+``generate`` one left-padded row per image:
+
+    input_ids:  <pad> <pad> | <image> x Q | </s> Question : what is it ? Answer :
+    embeds:     pad   pad   | q0 ... q31  | embed(</s> Question ...)
+    positions:  -     -     | 0  ... 31   | 32 ...          (cumsum(mask) * mask - 1)
+
+This module builds the same rows (:func:`build_prompt_batch`), runs one :func:`prefill`
+over them into a preallocated :class:`KVCache`, then :func:`decode_step` one token per row.
+The prefix is computed once per image and the prefilled cache is widened to the request's
+beams or samples afterwards. What the reference does that we match:
+
+- the repetition penalty sees the ``<image>`` ids (when ``image_token_id`` is given), BOS,
+  the prompt and the new tokens, never the left padding;
+- eos ids are suppressed while fewer than ``min_new_tokens`` new tokens exist;
+- a row finished by eos keeps stepping with ``pad_token_id`` as input (so a seeded batch
+  draws the same random numbers), and its result ends at (and includes) the eos;
+- beam search: see :mod:`blipserve.engine.beam_search`.
+
+``temperature``, ``top_k`` and ``top_p`` only act with ``do_sample=True``; given without it
+they are ignored, as in the reference (an API layer that wants "temperature implies
+sampling" sets ``do_sample`` itself). Beam sampling (``do_sample`` with ``num_beams > 1``)
+is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+from blipserve.engine.beam_search import BeamSearch, EarlyStopping
+from blipserve.engine.kv_cache import KVCache
+from blipserve.engine.sampling import (
+    apply_repetition_penalty,
+    apply_temperature,
+    greedy_pick,
+    make_generator,
+    mark_seen,
+    sample,
+    seen_token_mask,
+    suppress_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+from blipserve.errors import InvalidRequest
+from blipserve.model.opt import OPTForCausalLM
+
+FinishReason = Literal["stop", "length"]
+StopChecker = Callable[[int, list[int]], bool]  # (input row, new token ids) -> stop now?
+
+MAX_NEW_TOKENS = 1024
+MAX_BEAMS = 16
+MAX_RETURN_SEQUENCES = 16
+MAX_STOP_STRINGS = 8
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to generate; defaults are the BLIP-2 checkpoints' (greedy, 20 new tokens).
+
+    ``early_stopping`` is True, False or ``"never"`` (the reference's three beam modes).
+    ``seed`` makes sampling repeatable; without it sampling uses torch's global RNG.
+    ``stop`` strings are matched by the caller's ``stop_checker`` (it owns the tokenizer).
+    """
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def checkpoint_keys(cls) -> tuple[str, ...]:
+        """Fields a checkpoint's ``generation_config.json`` may set (not ``seed``/``stop``)."""
+        return tuple(f.name for f in fields(cls) if f.name not in ("seed", "stop"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GenerationParams:
+        """Build from user input; unknown keys are refused, ``None`` values mean "default".
+
+        Call :meth:`validate` on the result before use.
+        """
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown generation parameter(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        values = {k: v for k, v in d.items() if v is not None}
+        if isinstance(values.get("stop"), str):
+            values["stop"] = (values["stop"],)
+        elif isinstance(values.get("stop"), list | tuple):
+            values["stop"] = tuple(values["stop"])
+        for name in ("length_penalty", "temperature", "top_p", "repetition_penalty"):
+            if _is_int(values.get(name)):
+                values[name] = float(values[name])
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidRequest` naming the first out-of-range parameter."""
+        _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
+        _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
+        _check_int("num_beams", self.num_beams, 1, MAX_BEAMS)
+        _check_float("length_penalty", self.length_penalty, -math.inf, math.inf)
+        if self.early_stopping not in (True, False, "never") or _is_int(self.early_stopping):
+            raise InvalidRequest(
+                f"early_stopping must be true, false or 'never', got {self.early_stopping!r}"
+            )
+        if not isinstance(self.do_sample, bool):
+            raise InvalidRequest(f"do_sample must be true or false, got {self.do_sample!r}")
+        _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        if self.do_sample and self.temperature == 0.0:
+            raise InvalidRequest(
+                "temperature must be > 0 when do_sample is true (for greedy decoding set "
+                "do_sample=false)"
+            )
+        _check_int("top_k", self.top_k, 0, 2**31 - 1)
+        _check_float("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0.0:
+            raise InvalidRequest("top_p must be in (0, 1], got 0.0")
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY)
+        if self.repetition_penalty == 0.0:
+            raise InvalidRequest("repetition_penalty must be in (0, 100] (1.0 = off), got 0.0")
+        _check_int("num_return_sequences", self.num_return_sequences, 1, MAX_RETURN_SEQUENCES)
+        if self.do_sample and self.num_beams > 1:
+            raise InvalidRequest(
+                "do_sample with num_beams > 1 (beam sampling) is not supported; use num_beams=1 "
+                "to sample or do_sample=false for beam search"
+            )
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise InvalidRequest(
+                f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                f"({self.num_beams}) without sampling; set do_sample=true or raise num_beams"
+            )
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.stop, tuple) or len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop must be a list of at most {MAX_STOP_STRINGS} strings")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequest("stop strings must be non-empty strings")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise InvalidRequest(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    number = isinstance(value, float | int) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not low <= value <= high:
+        span = "a finite number" if math.isinf(low) else f"a number in [{low}, {high}]"
+        raise InvalidRequest(f"{name} must be {span}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    """One result: new tokens only (eos included when produced) and why it ended."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of one sequence; ``finish_reason`` is set on its last token."""
+
+    row: int  # input row (image) index
+    sample: int  # 0 .. num_return_sequences - 1
+    token_id: int
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# -- prompt rows, prefill and decode ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded prefill rows ``[pad ... | prefix | embed(prompt ids)]``."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    key_mask: torch.Tensor  # (B, L) bool, True on real entries
+    position_ids: torch.Tensor  # (B, L) 0-based over real entries; -1 on padding
+    history_ids: torch.Tensor  # (B, L) ids the repetition penalty sees; -1 = none
+
+
+def build_prompt_batch(
+    lm: OPTForCausalLM,
+    prefix_embeds: torch.Tensor,
+    prompt_ids: list[list[int]],
+    *,
+    pad_token_id: int,
+    image_token_id: int | None,
+) -> PromptBatch:
+    """(B, Q, D) prefix + B prompts (each starting with BOS) -> left-padded prefill rows."""
+    if len(prompt_ids) != prefix_embeds.shape[0] or any(len(ids) == 0 for ids in prompt_ids):
+        raise InvalidRequest(
+            f"need one non-empty prompt (starting with BOS) per image: got {len(prompt_ids)} "
+            f"prompts for {prefix_embeds.shape[0]} images"
+        )
+    device = prefix_embeds.device
+    q = prefix_embeds.shape[1]
+    longest = max(len(ids) for ids in prompt_ids)
+    pads = [longest - len(ids) for ids in prompt_ids]
+    text_ids = torch.tensor(
+        [[pad_token_id] * n + ids for n, ids in zip(pads, prompt_ids, strict=True)], device=device
+    )  # (B, T)
+    text_embeds = lm.embed_tokens(text_ids).to(prefix_embeds.dtype)  # (B, T, D)
+    image_id = -1 if image_token_id is None else image_token_id
+    rows, history = [], []
+    for i, (n, ids) in enumerate(zip(pads, prompt_ids, strict=True)):
+        rows.append(torch.cat([text_embeds[i, :n], prefix_embeds[i], text_embeds[i, n:]]))
+        history.append([-1] * n + [image_id] * q + ids)
+    embeds = torch.stack(rows)  # (B, L, D), L = Q + T
+    slot = torch.arange(q + longest, device=device)[None, :]
+    key_mask = slot >= torch.tensor(pads, device=device)[:, None]  # (B, L)
+    position_ids = key_mask.long().cumsum(-1) * key_mask - 1
+    history_ids = torch.tensor(history, dtype=torch.long, device=device)
+    return PromptBatch(embeds, key_mask, position_ids, history_ids)
+
+
+def prefill(lm: OPTForCausalLM, batch: PromptBatch, cache: KVCache) -> torch.Tensor:
+    """Run the prompt rows once, filling cache slots ``0:L``; -> (B, V) next-token logits."""
+    logits = lm(batch.embeds, batch.position_ids, batch.key_mask, cache, 0, last_only=True)
+    return logits[:, -1]
+
+
+def decode_step(
+    lm: OPTForCausalLM,
+    token_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    key_mask: torch.Tensor,
+    cache: KVCache,
+    cache_start: int,
+) -> torch.Tensor:
+    """(N,) tokens at (N,) positions into slot ``cache_start``; -> (N, V) next-token logits.
+
+    ``key_mask`` (N, cache_start + 1) marks the real slots, the new one included.
+    """
+    embeds = lm.embed_tokens(token_ids[:, None])  # (N, 1, D)
+    logits = lm(embeds, position_ids[:, None], key_mask, cache, cache_start)
+    return logits[:, -1]
+
+
+class DecodeState:
+    """What decode steps carry: the KV cache, the key mask, next positions, seen ids."""
+
+    def __init__(
+        self, lm: OPTForCausalLM, batch: PromptBatch, max_new_tokens: int, track_seen: bool
+    ) -> None:
+        b, length = batch.key_mask.shape
+        total = length + max_new_tokens
+        self.lm = lm
+        self.batch = batch
+        self.cache = KVCache.for_model(
+            lm.config, b, total, batch.embeds.dtype, batch.embeds.device
+        )
+        self.key_mask = torch.zeros(b, total, dtype=torch.bool, device=batch.embeds.device)
+        self.key_mask[:, :length] = batch.key_mask
+        self.next_position = batch.key_mask.sum(dim=1)  # (B,) real tokens so far
+        self.length = length  # filled cache slots
+        self.seen = seen_token_mask(batch.history_ids, lm.config.vocab_size) if track_seen else None
+
+    def prefill(self) -> torch.Tensor:
+        """-> (B, V) logits for the first new token."""
+        return prefill(self.lm, self.batch, self.cache)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Each row becomes ``repeats`` consecutive rows (its beams or samples)."""
+        self.cache.repeat_interleave(repeats)
+        self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
+        self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
+        if self.seen is not None:
+            self.seen = self.seen.repeat_interleave(repeats, dim=0)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row ``i`` becomes old row ``index[i]``."""
+        self.cache.reorder(index)
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, index)
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one (N,) token per row; -> (N, V) logits for the next."""
+        if self.seen is not None:
+            mark_seen(self.seen, token_ids)
+        self.key_mask[:, self.length] = True
+        logits = decode_step(
+            self.lm,
+            token_ids,
+            self.next_position,
+            self.key_mask[:, : self.length + 1],
+            self.cache,
+            self.length,
+        )
+        self.length += 1
+        self.next_position = self.next_position + 1
+        return logits
+
+
+def process_scores(
+    scores: torch.Tensor,
+    seen: torch.Tensor | None,
+    params: GenerationParams,
+    num_new: int,
+    eos_ids: torch.Tensor,
+) -> torch.Tensor:
+    """(N, V) float32 scores -> processed scores, in the reference's processor order."""
+    if params.repetition_penalty != 1.0:
+        assert seen is not None
+        scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
+    if num_new < params.min_new_tokens:
+        scores = suppress_tokens(scores, eos_ids)
+    if params.do_sample:
+        if params.temperature != 1.0:
+            scores = apply_temperature(scores, params.temperature)
+        if params.top_k != 0:
+            scores = top_k_filter(scores, params.top_k)
+        if params.top_p < 1.0:
+            scores = top_p_filter(scores, params.top_p)
+    return scores
+
+
+# -- the loops ----------------------------------------------------------------------------
+
+
+def _prepare(
+    lm: OPTForCausalLM,
+    prefix_embeds: torch.Tensor,
+    prompt_ids: list[list[int]],
+    params: GenerationParams,
+    pad_token_id: int,
+    image_token_id: int | None,
+) -> DecodeState:
+    params.validate()
+    batch = build_prompt_batch(
+        lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id, image_token_id=image_token_id
+    )
+    longest = batch.key_mask.sum(dim=1).max().item()
+    limit = lm.config.max_position_embeddings
+    if longest + params.max_new_tokens > limit:
+        raise InvalidRequest(
+            f"prompt ({longest} positions incl. {prefix_embeds.shape[1]} image queries) plus "
+            f"max_new_tokens ({params.max_new_tokens}) exceeds the model's {limit} positions; "
+            "shorten the prompt or lower max_new_tokens"
+        )
+    return DecodeState(lm, batch, params.max_new_tokens, params.repetition_penalty != 1.0)
+
+
+def _token_stream(
+    state: DecodeState,
+    params: GenerationParams,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    stop_checker: StopChecker | None,
+) -> Iterator[TokenEvent]:
+    """Greedy or sampled decoding; every row steps until all have finished."""
+    n = params.num_return_sequences
+    logits = state.prefill()  # (B, V)
+    state.repeat_interleave(n)
+    logits = logits.repeat_interleave(n, dim=0)  # (N, V), N = B * n
+    device = logits.device
+    generator = make_generator(params.seed, device) if params.do_sample else None
+    eos_ids = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    eos = set(eos_token_ids)
+    count = logits.shape[0]
+    done = torch.zeros(count, dtype=torch.bool, device=device)
+    new_ids: list[list[int]] = [[] for _ in range(count)]
+    for num_new in range(params.max_new_tokens):
+        scores = process_scores(logits.float(), state.seen, params, num_new, eos_ids)
+        tokens = sample(scores, generator) if params.do_sample else greedy_pick(scores)
+        tokens = tokens.masked_fill(done, pad_token_id)  # finished rows step on padding
+        for i, token in enumerate(tokens.tolist()):
+            if done[i]:
+                continue
+            new_ids[i].append(token)
+            reason: FinishReason | None = None
+            if token in eos or (stop_checker is not None and stop_checker(i // n, new_ids[i])):
+                reason = "stop"
+            elif len(new_ids[i]) == params.max_new_tokens:
+                reason = "length"
+            if reason is not None:
+                done[i] = True
+            yield TokenEvent(row=i // n, sample=i % n, token_id=token, finish_reason=reason)
+        if bool(done.all()):
+            return
+        logits = state.step(tokens)
+
+
+def _beam_search(
+    state: DecodeState,
+    params: GenerationParams,
+    eos_token_ids: list[int],
+    stop_checker: StopChecker | None,
+) -> list[list[SequenceOutput]]:
+    k = params.num_beams
+    logits = state.prefill()  # (B, V)
+    state.repeat_interleave(k)
+    logits = logits.repeat_interleave(k, dim=0)  # (B * K, V)
+    device = logits.device
+    eos_ids = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    beams = BeamSearch.start(
+        state.batch.key_mask.shape[0],
+        k,
+        params.max_new_tokens,
+        params.length_penalty,
+        params.early_stopping,
+        eos_token_ids,
+        device,
+    )
+    while True:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = process_scores(log_probs, state.seen, params, beams.step, eos_ids)
+        parent = beams.advance(log_probs, stop_checker)
+        if beams.finished:
+            break
+        state.reorder(parent)
+        logits = state.step(beams.last_tokens())
+    return [
+        [SequenceOutput(h.token_ids, "stop" if h.ended else "length") for h in row]
+        for row in beams.hypotheses(params.num_return_sequences)
+    ]
+
+
+@torch.inference_mode()
+def stream(
+    lm: OPTForCausalLM,
+    prefix_embeds: torch.Tensor,
+    prompt_ids: list[list[int]],
+    params: GenerationParams,
+    *,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    image_token_id: int | None,
+    stop_checker: StopChecker | None = None,
+) -> Iterator[TokenEvent]:
+    """Yield each new token as it is produced, for every row and sample.
+
+    ``prefix_embeds`` (B, Q, D) are the projected query embeddings in the model dtype;
+    ``prompt_ids`` one token list per image, each starting with BOS. Beam search only knows
+    its results at the end: with ``num_beams > 1`` the events of the final sequences are
+    yielded after the search, row by row.
+    """
+    state = _prepare(lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id)
+    if params.num_beams > 1:
+        results = _beam_search(state, params, eos_token_ids, stop_checker)
+        for row, outputs in enumerate(results):
+            for i, out in enumerate(outputs):
+                for j, token in enumerate(out.token_ids):
+                    last = j == len(out.token_ids) - 1
+                    reason = out.finish_reason if last else None
+                    yield TokenEvent(row=row, sample=i, token_id=token, finish_reason=reason)
+        return
+    yield from _token_stream(state, params, eos_token_ids, pad_token_id, stop_checker)
+
+
+@torch.inference_mode()
+def generate(
+    lm: OPTForCausalLM,
+    prefix_embeds: torch.Tensor,
+    prompt_ids: list[list[int]],
+    params: GenerationParams,
+    *,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    image_token_id: int | None,
+    stop_checker: StopChecker | None = None,
+) -> list[list[SequenceOutput]]:
+    """Per input row, ``num_return_sequences`` results (best first for beam search)."""
+    if params.num_beams > 1:
+        state = _prepare(lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id)
+        return _beam_search(state, params, eos_token_ids, stop_checker)
+    n = params.num_return_sequences
+    tokens: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompt_ids]
+    reasons: dict[tuple[int, int], FinishReason] = {}
+    for event in stream(
+        lm,
+        prefix_embeds,
+        prompt_ids,
+        params,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+        image_token_id=image_token_id,
+        stop_checker=stop_checker,
+    ):
+        tokens[event.row][event.sample].append(event.token_id)
+        if event.finish_reason is not None:
+            reasons[event.row, event.sample] = event.finish_reason
+    return [
+        [SequenceOutput(ids, reasons[row, i]) for i, ids in enumerate(row_tokens)]
+        for row, row_tokens in enumerate(tokens)
+    ]
+
+
+__all__ = [
+    "DecodeState",
+    "GenerationParams",
+    "PromptBatch",
+    "SequenceOutput",
+    "TokenEvent",
+    "build_prompt_batch",
+    "decode_step",
+    "generate",
+    "prefill",
+    "process_scores",
+    "stream",
+]
+

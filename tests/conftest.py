@@ -1,0 +1,47 @@
+"""Shared fixtures: real photos from installed packages and tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from tests import checkpoints
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    """Real photos shipped inside scikit-image and scikit-learn."""
+    import skimage.data
+    from sklearn.datasets import load_sample_image
+
+    arrays = {
+        "chelsea": skimage.data.chelsea(),
+        "coffee": skimage.data.coffee(),
+        "astronaut": skimage.data.astronaut(),
+        "china": load_sample_image("china.jpg"),
+    }
+    return {name: Image.fromarray(a) for name, a in arrays.items()}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def reference_model(checkpoint_root):
+    """transformers' BLIP-2 with small random weights (config variant 0)."""
+    return checkpoints.build_reference(checkpoint_root, variant=0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_root, reference_model):
+    """The reference model saved as a sharded-safetensors checkpoint directory."""
+    return checkpoints.save_checkpoint(reference_model, checkpoint_root, "sharded")
