@@ -94,9 +94,24 @@ def test_eos_ends_sequences_like_reference(reference_model, tiny_checkpoint, ref
         assert ours[0][0].finish_reason == "stop" and ours[0][0].token_ids[-1] == eos
 
 
-def test_reference_outputs_are_not_degenerate(reference_greedy):
-    """Different images and prompts give different continuations (the test has teeth)."""
-    assert len({tuple(row[0]) for row in reference_greedy}) >= 3
+def test_outputs_depend_on_the_image(reference_model, tiny_checkpoint, batch):
+    """With one prompt, different photos give different continuations, so the parity
+    tests above would notice a broken vision or Q-Former path."""
+    images, _ = batch
+    rows = reference_generate(reference_model, tiny_checkpoint, images, [""] * 4, max_new_tokens=8)
+    assert len({tuple(row[0]) for row in rows}) >= 3, rows
+
+
+def test_prefix_embeddings_match_reference(reference_model, tiny_checkpoint, batch):
+    """Vision encoder + Q-Former + projection, numerically, in float32."""
+    images, _ = batch
+    pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32", exif_transpose=False)
+    pixels = pipe.preprocess(images)
+    with torch.no_grad():
+        reference = reference_model.get_image_features(pixels).pooler_output
+    ours = pipe.encode_images(images)
+    assert ours.shape == reference.shape == (4, reference_model.config.num_query_tokens, 32)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -139,27 +154,36 @@ def test_batch_invariance(tiny_checkpoint, batch):
     assert together == alone
 
 
-def test_bfloat16_close_to_reference(reference_model, tiny_checkpoint, batch):
-    """bf16 cannot be bit-exact across implementations; the stated tolerance: the
-    prefix embeddings agree within 2e-2 absolute and 90% of greedy tokens agree."""
+def test_bfloat16_as_close_to_float32_as_reference(reference_model, tiny_checkpoint, batch, reference_greedy):
+    """bf16 cannot be bit-exact across implementations. The stated tolerance: measured
+    against the float32 reference, blipserve's bf16 prefix embeddings are no further off
+    than transformers' bf16 ones (mean and max error within 1.25x of the reference's), and
+    bf16 greedy tokens agree with float32 ones at least as often as transformers' do, less 10
+    points."""
     images, prompts = batch
     pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", exif_transpose=False)
+    pixels = pipe.preprocess(images)
+    with torch.no_grad():
+        exact = reference_model.get_image_features(pixels).pooler_output
     reference = reference_model.to(torch.bfloat16)
     try:
-        pixels = pipe.preprocess(images)
         with torch.no_grad():
-            ref_prefix = reference.get_image_features(pixels.to(torch.bfloat16)).pooler_output
-        ours_prefix = pipe.encode_images(images)
-        assert ours_prefix.dtype == torch.bfloat16
-        diff = (ours_prefix.float() - ref_prefix.float()).abs().max().item()
-        assert diff <= 2e-2, diff
-        ours = our_generate(pipe, images, prompts, max_new_tokens=12)
-        ref = reference_generate(reference, tiny_checkpoint, images, prompts, max_new_tokens=12)
+            theirs = reference.get_image_features(pixels.to(torch.bfloat16)).pooler_output.float()
+        ref_tokens = reference_generate(reference, tiny_checkpoint, images, prompts, max_new_tokens=12)
     finally:
-        reference.to(torch.float32)
-    pairs = [(a, b) for o, r in zip(ours, ref) for a, b in zip(o[0], r[0])]
-    agree = sum(a == b for a, b in pairs) / max(len(pairs), 1)
-    assert agree >= 0.9, (ours, ref)
+        reference_model.to(torch.float32)
+    ours = pipe.encode_images(images)
+    assert ours.dtype == torch.bfloat16
+    our_error, their_error = (ours.float() - exact).abs(), (theirs - exact).abs()
+    assert our_error.mean() <= 1.25 * their_error.mean(), (our_error.mean(), their_error.mean())
+    assert our_error.max() <= 1.25 * their_error.max(), (our_error.max(), their_error.max())
+
+    def agreement(rows):
+        pairs = [(a, b) for r, e in zip(rows, reference_greedy) for a, b in zip(r[0], e[0])]
+        return sum(a == b for a, b in pairs) / len(pairs)
+
+    our_tokens = our_generate(pipe, images, prompts, max_new_tokens=12)
+    assert agreement(our_tokens) >= agreement(ref_tokens) - 0.10, (our_tokens, ref_tokens)
 
 
 def test_precision_policy(tiny_checkpoint):
