@@ -33,6 +33,7 @@ class Setup:
     eos: list[int]
     image: int | None
     pad: int
+    common: tuple[int, ...] = ()  # the model's favourite later tokens, commonest first
 
     def run_reference(self, prompts=PROMPTS, prefix=None, **options) -> list[list[tuple]]:
         """Reference outputs as ``(new token ids, finish reason)``, grouped per prompt."""
@@ -69,7 +70,8 @@ def setup() -> Setup:
     beams = probe.run_ours(max_new_tokens=MAX_NEW, num_beams=4, num_return_sequences=4)
     later = [t for row in beams for ids, _ in row for t in ids[1:]]
     common = sorted(set(later), key=lambda t: (-later.count(t), t))
-    return Setup(reference, probe.ours, prefix, eos=common[1:3], image=common[0], pad=common[3])
+    return Setup(reference, probe.ours, prefix, eos=common[1:3], image=common[0], pad=common[3],
+                 common=tuple(common))
 
 
 CASES = {
@@ -102,6 +104,14 @@ def test_min_new_tokens_boundary_matches_reference(setup, options):
     for m in (j, j + 1):
         params = dict(max_new_tokens=MAX_NEW, min_new_tokens=m, **options)
         assert setup.run_ours(**params) == setup.run_reference(**params), m
+
+
+def test_many_eos_ids_keep_enough_candidates(setup):
+    """With E eos ids the reference ranks (1 + E) * K candidates, so K beams stay alive."""
+    many = Setup(**{**setup.__dict__, "eos": list(setup.common[1:5])})
+    for options in (dict(num_beams=3), dict(num_beams=2, length_penalty=0.0)):
+        options = dict(max_new_tokens=MAX_NEW, **options)
+        assert many.run_ours(**options) == many.run_reference(**options)
 
 
 def test_seeded_sampling_draws_like_the_reference(setup):
