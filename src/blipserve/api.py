@@ -260,7 +260,8 @@ class IncrementalDecoder:
         text = truncate_at_stop(self.tokenizer.decode(self.ids), self.stops)
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens
             return ""
-        safe = text[: len(text) - self._held_back(text)]
+        # Trailing whitespace waits for the next word: the final text is stripped.
+        safe = text[: len(text) - self._held_back(text)].rstrip()
         return self._emit(safe)
 
     def flush(self) -> str:

@@ -1,0 +1,126 @@
+"""The Python API: the public names, and Pipeline behaviour on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blipserve
+from blipserve.api import IncrementalDecoder, truncate_at_stop
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def images(photos):
+    return [photos["chelsea"], photos["coffee"], photos["astronaut"]]
+
+
+def test_public_api_is_pinned():
+    """A rename of a public name is a decision, made here."""
+    assert blipserve.__all__ == [
+        "BlipserveError", "CheckpointError", "Generation", "GenerationParams", "InvalidImage",
+        "InvalidRequest", "ModelNotFound", "Pipeline", "UnsupportedModel", "__version__", "load",
+    ]
+    for name in blipserve.__all__:
+        assert getattr(blipserve, name) is not None
+    with pytest.raises(AttributeError):
+        blipserve.no_such_name  # noqa: B018
+
+
+def test_preprocess_shape_and_dtype(pipe, images):
+    pixels = pipe.preprocess(images)
+    assert pixels.shape == (3, 3, 224, 224) and pixels.dtype == torch.float32
+
+
+def test_generate_returns_n_generations_per_image(pipe, images):
+    rows = pipe.generate(images, ["", "a photo of", "Question: what? Answer:"],
+                         do_sample=True, num_return_sequences=2, seed=3, max_new_tokens=6)
+    assert [len(row) for row in rows] == [2, 2, 2]
+    for row in rows:
+        for g in row:
+            assert 1 <= len(g.token_ids) <= 6
+            assert g.finish_reason in ("stop", "length")
+            assert g.text == pipe.tokenizer.decode(g.token_ids)
+            if g.finish_reason == "length":
+                assert len(g.token_ids) == 6
+
+
+def test_sampling_with_a_seed_is_repeatable(pipe, images):
+    first = pipe.generate(images, do_sample=True, seed=7, max_new_tokens=8, temperature=1.5)
+    again = pipe.generate(images, do_sample=True, seed=7, max_new_tokens=8, temperature=1.5)
+    other = pipe.generate(images, do_sample=True, seed=8, max_new_tokens=8, temperature=1.5)
+    ids = lambda rows: [g.token_ids for row in rows for g in row]  # noqa: E731
+    assert ids(first) == ids(again)
+    assert ids(first) != ids(other)
+
+
+def test_caption_prompt_applies_to_every_image(pipe, images):
+    assert pipe.caption(images, "a photo of", max_new_tokens=5) == [
+        pipe.caption([im], ["a photo of"], max_new_tokens=5)[0] for im in images
+    ]
+
+
+def test_ask_and_chat_use_the_reference_prompts(pipe, images):
+    image = images[0]
+    assert pipe.ask(image, "what is it?", max_new_tokens=5) == pipe.generate(
+        [image], ["Question: what is it? Answer:"], max_new_tokens=5)[0][0].text
+    messages = [
+        {"role": "user", "content": "what is it?"},
+        {"role": "assistant", "content": "a cat"},
+        {"role": "user", "content": "where?"},
+    ]
+    assert pipe.chat(image, messages, max_new_tokens=5) == pipe.generate(
+        [image], ["Question: what is it? Answer: a cat Question: where? Answer:"], max_new_tokens=5
+    )[0][0].text
+
+
+def test_stream_yields_the_same_text_as_generate(pipe, images):
+    for prompt in ("", "a photo of"):
+        deltas = list(pipe.stream(images[1], prompt, max_new_tokens=10))
+        assert len(deltas) >= 2
+        assert "".join(deltas).strip() == pipe.caption([images[1]], prompt, max_new_tokens=10)[0]
+
+
+def test_stop_string_ends_generation_before_it(pipe, images):
+    full = pipe.generate([images[0]], max_new_tokens=12)[0][0]
+    # A stop string first seen in the middle of the output: the text of one early token.
+    pieces = [pipe.tokenizer.decode([i]) for i in full.token_ids]
+    stop = next(
+        p for i, p in enumerate(pieces[2:8], start=2)
+        if p.isascii() and p.isalpha() and p not in pipe.tokenizer.decode(full.token_ids[:i])
+    )
+    cut = pipe.generate([images[0]], max_new_tokens=12, stop=[stop])[0][0]
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.text and full.text.startswith(cut.text)
+    assert len(cut.token_ids) < len(full.token_ids)
+    streamed = "".join(pipe.stream(images[0], max_new_tokens=12, stop=[stop]))
+    assert streamed.strip() == cut.text
+
+
+def test_bad_requests_are_clear_errors(pipe, images):
+    with pytest.raises(blipserve.InvalidRequest, match="unknown generation parameter.*max_tokens"):
+        pipe.caption(images, max_tokens=5)
+    with pytest.raises(blipserve.InvalidRequest, match="got 3 images but 2 prompts"):
+        pipe.generate(images, ["a", "b"])
+    with pytest.raises(blipserve.InvalidRequest, match="num_return_sequences"):
+        pipe.generate(images, num_return_sequences=2)
+    with pytest.raises(blipserve.InvalidImage, match="row 1: not an image"):
+        pipe.caption([images[0], b"hello there, not an image"])
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("a cat. a dog", [". "]) == "a cat"
+    assert truncate_at_stop("a cat", ["zzz"]) == "a cat"
+    assert truncate_at_stop("a cat and dog", ["dog", "and"]) == "a cat"
+
+
+def test_incremental_decoder_holds_back_partial_stop(pipe):
+    tok = pipe.tokenizer
+    ids = tok.encode(" a cat sitting on a bench")[1:]
+    decoder = IncrementalDecoder(tok, stops=["on a"])
+    text = "".join(decoder.push(i) for i in ids) + decoder.flush()
+    assert text == "a cat sitting"
