@@ -12,7 +12,8 @@ are its own) on the same weights, photos and settings (greedy, ``--max-new-token
 It also checks both produced the same token ids. Usage:
 
     python benchmarks/full_size.py --out /tmp/blip2-full --dtype bfloat16
-    python benchmarks/bench_vs_transformers.py --checkpoint /tmp/blip2-full --device cuda --dtype bfloat16
+    python benchmarks/bench_vs_transformers.py --checkpoint /tmp/blip2-full \
+        --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from photos import photo_batch  # noqa: E402
+from photos import photo_batch
 
 
 def synchronize(device: str) -> None:
@@ -56,12 +57,19 @@ class Blipserve:
 
 class Transformers:
     def __init__(self, checkpoint: str, device: str, dtype: str) -> None:
-        from transformers import Blip2ForConditionalGeneration, BlipImageProcessor
+        from transformers import Blip2ForConditionalGeneration
+
+        try:  # the same PIL preprocessing as blipserve, even where torchvision is installed
+            from transformers import BlipImageProcessorPil as BlipImageProcessor
+        except ImportError:
+            from transformers import BlipImageProcessor
 
         self.device = device
-        self.model = Blip2ForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=getattr(torch, dtype)
-        ).to(device).eval()
+        self.model = (
+            Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=getattr(torch, dtype))
+            .to(device)
+            .eval()
+        )
         self.processor = BlipImageProcessor.from_pretrained(checkpoint)
         config = self.model.config
         self.start = [config.image_token_index] * config.num_query_tokens + [
@@ -188,9 +196,16 @@ def main() -> None:
     text = report(results, args)
     print(text)
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"checkpoint": str(args.checkpoint),
-                                                             "out": str(args.out)},
-                                        "results": results, "report": text}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"checkpoint": str(args.checkpoint), "out": str(args.out)},
+                    "results": results,
+                    "report": text,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -114,7 +114,9 @@ def build(out: Path, dtype: torch.dtype, seed: int = 0) -> Path:
         json.dumps({"bos_token_id": 2, "eos_token_id": NEWLINE_EOS_ID, "pad_token_id": 1})
     )
     write_synthetic_tokenizer(out)
-    print(f"built {count / 1e9:.2f} B parameters into {out} in {time.perf_counter() - started:.0f} s")
+    print(
+        f"built {count / 1e9:.2f} B parameters into {out} in {time.perf_counter() - started:.0f} s"
+    )
     return out
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from full_size import IMAGE_TOKEN_ID, build  # noqa: E402
-from photos import sample_photos  # noqa: E402
+from full_size import IMAGE_TOKEN_ID, build
+from photos import sample_photos
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "china"]
 CAPTION_IDS = [2]  # BOS only: plain captioning
@@ -36,7 +36,12 @@ def images() -> list:
 
 
 def run_reference(checkpoint: Path, device: str, dtype: torch.dtype, max_new: int) -> dict:
-    from transformers import Blip2ForConditionalGeneration, BlipImageProcessor
+    from transformers import Blip2ForConditionalGeneration
+
+    try:  # pin the PIL preprocessing, even where torchvision is installed
+        from transformers import BlipImageProcessorPil as BlipImageProcessor
+    except ImportError:
+        from transformers import BlipImageProcessor
 
     model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     processor = BlipImageProcessor.from_pretrained(checkpoint)
@@ -51,8 +56,12 @@ def run_reference(checkpoint: Path, device: str, dtype: torch.dtype, max_new: in
     with torch.no_grad():
         logits = model(pixel_values=pixels, input_ids=input_ids, attention_mask=mask).logits[:, -1]
         out = model.generate(
-            pixel_values=pixels, input_ids=input_ids, attention_mask=mask,
-            max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+            pixel_values=pixels,
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
         )
     return {"logits": logits.float().cpu(), "tokens": out[:, input_ids.shape[1] :].cpu().tolist()}
 
@@ -74,12 +83,19 @@ def run_blipserve(checkpoint: Path, device: str, dtype: torch.dtype, max_new: in
     with torch.inference_mode():
         prefix = model.encode_images(pixels)
         lm = model.language_model
-        batch = build_prompt_batch(lm, prefix, PROMPTS, pad_token_id=PAD_ID, image_token_id=IMAGE_TOKEN_ID)
+        batch = build_prompt_batch(
+            lm, prefix, PROMPTS, pad_token_id=PAD_ID, image_token_id=IMAGE_TOKEN_ID
+        )
         logits = DecodeState(lm, batch, 1, track_seen=False).prefill()
         params = GenerationParams(max_new_tokens=max_new, min_new_tokens=max_new)
         out = generate(
-            lm, prefix, PROMPTS, params, eos_token_ids=[config.text.eos_token_id],
-            pad_token_id=PAD_ID, image_token_id=IMAGE_TOKEN_ID,
+            lm,
+            prefix,
+            PROMPTS,
+            params,
+            eos_token_ids=[config.text.eos_token_id],
+            pad_token_id=PAD_ID,
+            image_token_id=IMAGE_TOKEN_ID,
         )
     return {"logits": logits.float().cpu(), "tokens": [row[0].token_ids for row in out]}
 
@@ -114,9 +130,13 @@ def main() -> None:
     diff = (ref["logits"] - ours["logits"]).abs()
     same = [a == b for a, b in zip(ref["tokens"], ours["tokens"], strict=True)]
     print(f"checkpoint {args.checkpoint} ({args.dtype}, {args.device}), photos {PHOTOS}")
-    print(f"first-step logits: max |diff| {diff.max().item():.3e}, "
-          f"mean |diff| {diff.mean().item():.3e}, logit scale (std) {ref['logits'].std().item():.3f}")
-    print(f"argmax equal per row: {(ref['logits'].argmax(-1) == ours['logits'].argmax(-1)).tolist()}")
+    print(
+        f"first-step logits: max |diff| {diff.max().item():.3e}, "
+        f"mean |diff| {diff.mean().item():.3e}, logit scale (std) {ref['logits'].std().item():.3f}"
+    )
+    print(
+        f"argmax equal per row: {(ref['logits'].argmax(-1) == ours['logits'].argmax(-1)).tolist()}"
+    )
     print(f"{args.max_new_tokens} greedy tokens identical per row: {same}")
     for name, a, b in zip(PHOTOS, ref["tokens"], ours["tokens"], strict=True):
         print(f"  {name:10s} reference {a}\n  {'':10s} blipserve {b}")

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
-    BlipImageProcessor,
     Blip2Config,
     Blip2ForConditionalGeneration,
+    BlipImageProcessor,
     GenerationConfig,
 )
 
@@ -57,17 +57,32 @@ def tiny_config(vocab: dict[str, int], image_token_id: int, variant: int = 0) ->
     th, tf, tl, tn = shapes["lm"]
     return Blip2Config(
         vision_config=dict(
-            hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
-            image_size=224, patch_size=14,
+            hidden_size=vh,
+            intermediate_size=vi,
+            num_hidden_layers=vl,
+            num_attention_heads=vn,
+            image_size=224,
+            patch_size=14,
         ),
         qformer_config=dict(
-            hidden_size=qh, intermediate_size=qi, num_hidden_layers=ql, num_attention_heads=qn,
+            hidden_size=qh,
+            intermediate_size=qi,
+            num_hidden_layers=ql,
+            num_attention_heads=qn,
             cross_attention_frequency=freq,
         ),
         text_config=dict(
-            model_type="opt", vocab_size=len(vocab) + 4, hidden_size=th, ffn_dim=tf,
-            num_hidden_layers=tl, num_attention_heads=tn, max_position_embeddings=256,
-            word_embed_proj_dim=th, bos_token_id=2, pad_token_id=1, eos_token_id=newline,
+            model_type="opt",
+            vocab_size=len(vocab) + 4,
+            hidden_size=th,
+            ffn_dim=tf,
+            num_hidden_layers=tl,
+            num_attention_heads=tn,
+            max_position_embeddings=256,
+            word_embed_proj_dim=th,
+            bos_token_id=2,
+            pad_token_id=1,
+            eos_token_id=newline,
         ),
         num_query_tokens=shapes["queries"],
         image_token_index=image_token_id,
@@ -114,7 +129,9 @@ def save_checkpoint(model: Blip2ForConditionalGeneration, root: Path, layout: st
     BlipImageProcessor(**PREPROCESSOR).save_pretrained(directory)
     text = model.config.text_config
     GenerationConfig(
-        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
     ).save_pretrained(directory)
     if layout.startswith("bin"):
         _to_bin(directory)
@@ -165,7 +182,9 @@ def _to_bin(directory: Path) -> None:
     weight_map = {}
     for i, path in enumerate(files, start=1):
         name = (
-            "pytorch_model.bin" if len(files) == 1 else f"pytorch_model-{i:05d}-of-{len(files):05d}.bin"
+            "pytorch_model.bin"
+            if len(files) == 1
+            else f"pytorch_model-{i:05d}-of-{len(files):05d}.bin"
         )
         state = load_file(path)
         torch.save(state, directory / name)

@@ -22,8 +22,17 @@ def images(photos):
 def test_public_api_is_pinned():
     """A rename of a public name is a decision, made here."""
     assert blipserve.__all__ == [
-        "BlipserveError", "CheckpointError", "Generation", "GenerationParams", "InvalidImage",
-        "InvalidRequest", "ModelNotFound", "Pipeline", "UnsupportedModel", "__version__", "load",
+        "BlipserveError",
+        "CheckpointError",
+        "Generation",
+        "GenerationParams",
+        "InvalidImage",
+        "InvalidRequest",
+        "ModelNotFound",
+        "Pipeline",
+        "UnsupportedModel",
+        "__version__",
+        "load",
     ]
     for name in blipserve.__all__:
         assert getattr(blipserve, name) is not None
@@ -37,8 +46,14 @@ def test_preprocess_shape_and_dtype(pipe, images):
 
 
 def test_generate_returns_n_generations_per_image(pipe, images):
-    rows = pipe.generate(images, ["", "a photo of", "Question: what? Answer:"],
-                         do_sample=True, num_return_sequences=2, seed=3, max_new_tokens=6)
+    rows = pipe.generate(
+        images,
+        ["", "a photo of", "Question: what? Answer:"],
+        do_sample=True,
+        num_return_sequences=2,
+        seed=3,
+        max_new_tokens=6,
+    )
     assert [len(row) for row in rows] == [2, 2, 2]
     for row in rows:
         for g in row:
@@ -66,16 +81,23 @@ def test_caption_prompt_applies_to_every_image(pipe, images):
 
 def test_ask_and_chat_use_the_reference_prompts(pipe, images):
     image = images[0]
-    assert pipe.ask(image, "what is it?", max_new_tokens=5) == pipe.generate(
-        [image], ["Question: what is it? Answer:"], max_new_tokens=5)[0][0].text
+    assert (
+        pipe.ask(image, "what is it?", max_new_tokens=5)
+        == pipe.generate([image], ["Question: what is it? Answer:"], max_new_tokens=5)[0][0].text
+    )
     messages = [
         {"role": "user", "content": "what is it?"},
         {"role": "assistant", "content": "a cat"},
         {"role": "user", "content": "where?"},
     ]
-    assert pipe.chat(image, messages, max_new_tokens=5) == pipe.generate(
-        [image], ["Question: what is it? Answer: a cat Question: where? Answer:"], max_new_tokens=5
-    )[0][0].text
+    assert (
+        pipe.chat(image, messages, max_new_tokens=5)
+        == pipe.generate(
+            [image],
+            ["Question: what is it? Answer: a cat Question: where? Answer:"],
+            max_new_tokens=5,
+        )[0][0].text
+    )
 
 
 def test_stream_yields_the_same_text_as_generate(pipe, images):
@@ -90,7 +112,8 @@ def test_stop_string_ends_generation_before_it(pipe, images):
     # A stop string first seen in the middle of the output: the text of one early token.
     pieces = [pipe.tokenizer.decode([i]) for i in full.token_ids]
     stop = next(
-        p for i, p in enumerate(pieces[2:8], start=2)
+        p
+        for i, p in enumerate(pieces[2:8], start=2)
         if p.isascii() and p.isalpha() and p not in pipe.tokenizer.decode(full.token_ids[:i])
     )
     cut = pipe.generate([images[0]], max_new_tokens=12, stop=[stop])[0][0]
@@ -102,7 +125,7 @@ def test_stop_string_ends_generation_before_it(pipe, images):
 
 
 def test_bad_requests_are_clear_errors(pipe, images):
-    with pytest.raises(blipserve.InvalidRequest, match="unknown generation parameter.*max_tokens"):
+    with pytest.raises(blipserve.InvalidRequest, match=r"unknown generation parameter.*max_tokens"):
         pipe.caption(images, max_tokens=5)
     with pytest.raises(blipserve.InvalidRequest, match="got 3 images but 2 prompts"):
         pipe.generate(images, ["a", "b"])

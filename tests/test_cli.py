@@ -14,7 +14,9 @@ import blipserve
 def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "blipserve", *args],
-        input=stdin, capture_output=True, timeout=300,
+        input=stdin,
+        capture_output=True,
+        timeout=300,
     )
 
 
@@ -47,8 +49,16 @@ def test_caption_prints_one_line_per_image(tiny_checkpoint, photo_files, pipe):
 
 def test_caption_json_lines_with_prompt_and_beams(tiny_checkpoint, photo_files, pipe):
     done = run_cli(
-        "caption", *photo_files, *model_flags(tiny_checkpoint), "--json",
-        "--prompt", "a photo of", "--num-beams", "3", "--max-new-tokens", "5",
+        "caption",
+        *photo_files,
+        *model_flags(tiny_checkpoint),
+        "--json",
+        "--prompt",
+        "a photo of",
+        "--num-beams",
+        "3",
+        "--max-new-tokens",
+        "5",
     )
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.decode().splitlines()]
@@ -61,27 +71,38 @@ def test_caption_json_lines_with_prompt_and_beams(tiny_checkpoint, photo_files, 
 def test_image_from_stdin(tiny_checkpoint, photo_files, pipe):
     with open(photo_files[0], "rb") as f:
         data = f.read()
-    done = run_cli("caption", "-", *model_flags(tiny_checkpoint), "--max-new-tokens", "6", stdin=data)
+    done = run_cli(
+        "caption", "-", *model_flags(tiny_checkpoint), "--max-new-tokens", "6", stdin=data
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().splitlines() == pipe.caption([data], max_new_tokens=6)
 
 
 def test_ask(tiny_checkpoint, photo_files, pipe):
-    done = run_cli("ask", photo_files[0], "what is it?", *model_flags(tiny_checkpoint), "--max-new-tokens", "4")
+    done = run_cli(
+        "ask", photo_files[0], "what is it?", *model_flags(tiny_checkpoint), "--max-new-tokens", "4"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().strip() == pipe.ask(photo_files[0], "what is it?", max_new_tokens=4)
 
 
 def test_chat_keeps_history(tiny_checkpoint, photo_files, pipe):
     done = run_cli(
-        "chat", photo_files[0], *model_flags(tiny_checkpoint), "--max-new-tokens", "4",
+        "chat",
+        photo_files[0],
+        *model_flags(tiny_checkpoint),
+        "--max-new-tokens",
+        "4",
         stdin=b"what is this?\nand the colour?\n",
     )
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.decode().splitlines()
     history = [{"role": "user", "content": "what is this?"}]
     assert first == pipe.chat(photo_files[0], history, max_new_tokens=4)
-    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "and the colour?"}]
+    history += [
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "and the colour?"},
+    ]
     assert second == pipe.chat(photo_files[0], history, max_new_tokens=4)
 
 

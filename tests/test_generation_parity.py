@@ -87,6 +87,8 @@ CASES = {
     "beam4-lp2-two-returned": dict(num_beams=4, length_penalty=2.0, num_return_sequences=2),
     "beam3-early-three-returned": dict(num_beams=3, early_stopping=True, num_return_sequences=3),
     "beam3-penalty-min-new": dict(num_beams=3, repetition_penalty=1.5, min_new_tokens=3),
+    "beam4-strong-penalty": dict(num_beams=4, repetition_penalty=2.0),
+    "beam3-penalty-below-one": dict(num_beams=3, repetition_penalty=0.7, length_penalty=0.0),
 }
 
 

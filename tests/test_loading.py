@@ -37,11 +37,28 @@ def test_config_defaults_follow_the_reference():
 
     ours = Blip2Config.from_hf({"model_type": "blip-2", "text_config": {"model_type": "opt"}})
     ref = ReferenceConfig(text_config={"model_type": "opt"})
-    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "image_size", "patch_size", "layer_norm_eps", "qkv_bias", "hidden_act"):
+    for name in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "layer_norm_eps",
+        "qkv_bias",
+        "hidden_act",
+    ):
         assert getattr(ours.vision, name) == getattr(ref.vision_config, name), name
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "hidden_act", "layer_norm_eps", "cross_attention_frequency", "encoder_hidden_size"):
+    for name in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "cross_attention_frequency",
+        "encoder_hidden_size",
+    ):
         assert getattr(ours.qformer, name) == getattr(ref.qformer_config, name), name
     assert ours.num_query_tokens == ref.num_query_tokens == 32
     assert ours.vision.num_positions == 257 and ours.vision.head_dim == 88
@@ -68,7 +85,9 @@ def test_missing_tensor_names_tensor_and_directory(single):
 
 def test_unexpected_tensor_names_tensor_and_file(single):
     rewrite_weights(single, lambda state: {**state, "vision_model.extra.weight": torch.zeros(2)})
-    with pytest.raises(CheckpointError, match="unexpected tensor 'vision_model.extra.weight'") as info:
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensor 'vision_model\.extra\.weight'"
+    ) as info:
         blipserve.load(str(single), device="cpu")
     assert "model.safetensors" in str(info.value)
 
@@ -76,7 +95,9 @@ def test_unexpected_tensor_names_tensor_and_file(single):
 def test_misshaped_tensor_names_both_shapes(single):
     name = "language_projection.weight"
     rewrite_weights(single, lambda state: {**state, name: state[name][:, :-1].contiguous()})
-    with pytest.raises(CheckpointError, match=r"language_projection\.weight.*\(32, 31\).*\(32, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"language_projection\.weight.*\(32, 31\).*\(32, 32\)"
+    ):
         blipserve.load(str(single), device="cpu")
 
 
@@ -84,7 +105,9 @@ def test_config_that_disagrees_with_weights(single):
     config = json.loads((single / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] += 1
     (single / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"missing \d+ tensors: language_model\.model\.decoder\.layers\.2"):
+    with pytest.raises(
+        CheckpointError, match=r"missing \d+ tensors: language_model\.model\.decoder\.layers\.2"
+    ):
         blipserve.load(str(single), device="cpu")
 
 
@@ -135,7 +158,7 @@ def test_weights_load_straight_into_the_target_dtype(single):
 
 def test_model_names_resolve(single, tmp_path):
     assert resolve_checkpoint(str(single)) == single
-    with pytest.raises(ModelNotFound, match="no config.json"):
+    with pytest.raises(ModelNotFound, match=r"no config\.json"):
         resolve_checkpoint(str(tmp_path))
     with pytest.raises(ModelNotFound, match="neither 'demo', an existing directory, nor a Hub id"):
         resolve_checkpoint("./no/such/dir/anywhere")
@@ -156,7 +179,9 @@ def test_uncached_hub_id_offline_names_id_and_fix(tmp_path):
         "sys.exit(1)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "'Salesforce/blip2-opt-2.7b'" in done.stdout
     assert "hf download Salesforce/blip2-opt-2.7b" in done.stdout
@@ -169,8 +194,14 @@ def test_cached_hub_snapshot_loads_offline(tmp_path, single):
     shutil.copytree(single, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    code = "import blipserve; p = blipserve.load('acme/tiny-blip2', device='cpu'); print(p.model.config.num_query_tokens)"
+    code = (
+        "import blipserve\n"
+        "pipe = blipserve.load('acme/tiny-blip2', device='cpu')\n"
+        "print(pipe.model.config.num_query_tokens)"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "8"

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessor
+from transformers import AutoTokenizer, Blip2Processor
+
+try:  # pin the reference's PIL preprocessing even where torchvision is installed
+    from transformers import BlipImageProcessorPil as ReferenceImageProcessor
+except ImportError:  # transformers before the backend split: the plain class is the PIL one
+    from transformers import BlipImageProcessor as ReferenceImageProcessor
 
 import blipserve
 from tests import checkpoints
 
-PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "Question: which city is this? Answer:"]
+PROMPTS = [
+    "",
+    "a photo of",
+    "Question: what is in the picture? Answer:",
+    "Question: which city is this? Answer:",
+]
 PHOTOS = ["chelsea", "coffee", "astronaut", "china"]
 
 
@@ -23,11 +33,12 @@ def reference_generate(model, directory, images, prompts, **gen) -> list[list[li
     """New token ids per image (``num_return_sequences`` each), as transformers makes them."""
     tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
     processor = Blip2Processor(
-        image_processor=BlipImageProcessor.from_pretrained(directory),
+        image_processor=ReferenceImageProcessor.from_pretrained(directory),
         tokenizer=tokenizer,
         num_query_tokens=model.config.num_query_tokens,
     )
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = inputs.to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, **gen)
     new = out[:, inputs["input_ids"].shape[1] :]
@@ -73,7 +84,9 @@ def test_greedy_matches_reference_for_every_layout(
     assert ours == reference_greedy
 
 
-def test_eos_ends_sequences_like_reference(reference_model, tiny_checkpoint, reference_greedy, batch, tmp_path):
+def test_eos_ends_sequences_like_reference(
+    reference_model, tiny_checkpoint, reference_greedy, batch, tmp_path
+):
     """With an eos the model does produce, rows stop at it exactly where the reference stops."""
     import json
     import shutil
@@ -150,18 +163,25 @@ def test_batch_invariance(tiny_checkpoint, batch):
     pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32", exif_transpose=False)
     images, prompts = batch
     together = our_generate(pipe, images, prompts, max_new_tokens=10)
-    alone = [our_generate(pipe, [im], [p], max_new_tokens=10)[0] for im, p in zip(images, prompts)]
+    alone = [
+        our_generate(pipe, [im], [p], max_new_tokens=10)[0]
+        for im, p in zip(images, prompts, strict=True)
+    ]
     assert together == alone
 
 
-def test_bfloat16_as_close_to_float32_as_reference(reference_model, tiny_checkpoint, batch, reference_greedy):
+def test_bfloat16_as_close_to_float32_as_reference(
+    reference_model, tiny_checkpoint, batch, reference_greedy
+):
     """bf16 cannot be bit-exact across implementations. The stated tolerance: measured
     against the float32 reference, blipserve's bf16 prefix embeddings are no further off
     than transformers' bf16 ones (mean and max error within 1.25x of the reference's), and
     bf16 greedy tokens agree with float32 ones at least as often as transformers' do, less 10
     points."""
     images, prompts = batch
-    pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", exif_transpose=False)
+    pipe = blipserve.load(
+        str(tiny_checkpoint), device="cpu", dtype="bfloat16", exif_transpose=False
+    )
     pixels = pipe.preprocess(images)
     with torch.no_grad():
         exact = reference_model.get_image_features(pixels).pooler_output
@@ -169,7 +189,9 @@ def test_bfloat16_as_close_to_float32_as_reference(reference_model, tiny_checkpo
     try:
         with torch.no_grad():
             theirs = reference.get_image_features(pixels.to(torch.bfloat16)).pooler_output.float()
-        ref_tokens = reference_generate(reference, tiny_checkpoint, images, prompts, max_new_tokens=12)
+        ref_tokens = reference_generate(
+            reference, tiny_checkpoint, images, prompts, max_new_tokens=12
+        )
     finally:
         reference_model.to(torch.float32)
     ours = pipe.encode_images(images)
@@ -179,7 +201,11 @@ def test_bfloat16_as_close_to_float32_as_reference(reference_model, tiny_checkpo
     assert our_error.max() <= 1.25 * their_error.max(), (our_error.max(), their_error.max())
 
     def agreement(rows):
-        pairs = [(a, b) for r, e in zip(rows, reference_greedy) for a, b in zip(r[0], e[0])]
+        pairs = [
+            (a, b)
+            for r, e in zip(rows, reference_greedy, strict=True)
+            for a, b in zip(r[0], e[0], strict=False)
+        ]
         return sum(a == b for a, b in pairs) / len(pairs)
 
     our_tokens = our_generate(pipe, images, prompts, max_new_tokens=12)

@@ -190,7 +190,9 @@ class Pipeline:
         """Captions, one per image; ``prompt`` (e.g. ``"a photo of"``) primes each caption."""
         return [row[0].text for row in self.generate(images, prompt, **gen)]
 
-    def ask(self, image: Any, question: str, *, template: str = DEFAULT_VQA_TEMPLATE, **gen: Any) -> str:
+    def ask(
+        self, image: Any, question: str, *, template: str = DEFAULT_VQA_TEMPLATE, **gen: Any
+    ) -> str:
         """Answer a question about one image (``"Question: {question} Answer:"``)."""
         return self.generate([image], [vqa_prompt(question, template)], **gen)[0][0].text
 

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", help="image path, http(s) URL, or - for stdin")
     ask.add_argument("question")
-    ask.add_argument("--template", default=None, help='VQA prompt with {question}')
+    ask.add_argument("--template", default=None, help="VQA prompt with {question}")
 
     chat = commands.add_parser("chat", help="talk about an image; an empty line or EOF ends")
     chat.add_argument("image", help="image path, http(s) URL, or - for stdin")

@@ -77,7 +77,9 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
+            raise CheckpointError(
+                f"cannot read {path} as a weights-only torch file: {exc}"
+            ) from exc
         yield from state.items()
 
 
@@ -137,7 +139,9 @@ def load_model(
         loaded[TIED_HEAD] = loaded[INPUT_EMBEDDING]
     missing = [name for name in expected if name not in loaded]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise CheckpointError(f"{directory} is missing {len(missing)} tensors: {shown}")
 
     model.load_state_dict(loaded, strict=True, assign=True)

@@ -15,8 +15,8 @@ beams or samples afterwards. What the reference does that we match:
 - the repetition penalty sees the ``<image>`` ids (when ``image_token_id`` is given), BOS,
   the prompt and the new tokens, never the left padding;
 - eos ids are suppressed while fewer than ``min_new_tokens`` new tokens exist;
-- a row finished by eos keeps stepping with ``pad_token_id`` as input (so a seeded batch
-  draws the same random numbers), and its result ends at (and includes) the eos;
+- a finished row stays in the batch, fed ``pad_token_id``, so the batch keeps its shape and
+  a seeded batch draws the same random numbers; its result ends at (and includes) the eos;
 - beam search: see :mod:`blipserve.engine.beam_search`.
 
 ``temperature``, ``top_k`` and ``top_p`` only act with ``do_sample=True``; given without it
@@ -276,9 +276,7 @@ class DecodeState:
         total = length + max_new_tokens
         self.lm = lm
         self.batch = batch
-        self.cache = KVCache.for_model(
-            lm.config, b, total, batch.embeds.dtype, batch.embeds.device
-        )
+        self.cache = KVCache.for_model(lm.config, b, total, batch.embeds.dtype, batch.embeds.device)
         self.key_mask = torch.zeros(b, total, dtype=torch.bool, device=batch.embeds.device)
         self.key_mask[:, :length] = batch.key_mask
         self.next_position = batch.key_mask.sum(dim=1)  # (B,) real tokens so far
@@ -386,15 +384,15 @@ def _token_stream(
     generator = make_generator(params.seed, device) if params.do_sample else None
     eos_ids = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     eos = set(eos_token_ids)
-    count = logits.shape[0]
-    done = torch.zeros(count, dtype=torch.bool, device=device)
-    new_ids: list[list[int]] = [[] for _ in range(count)]
+    new_ids: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    finished = [False] * len(new_ids)
+    done = torch.zeros(len(new_ids), dtype=torch.bool, device=device)  # finished, on device
     for num_new in range(params.max_new_tokens):
         scores = process_scores(logits.float(), state.seen, params, num_new, eos_ids)
         tokens = sample(scores, generator) if params.do_sample else greedy_pick(scores)
         tokens = tokens.masked_fill(done, pad_token_id)  # finished rows step on padding
         for i, token in enumerate(tokens.tolist()):
-            if done[i]:
+            if finished[i]:
                 continue
             new_ids[i].append(token)
             reason: FinishReason | None = None
@@ -402,11 +400,11 @@ def _token_stream(
                 reason = "stop"
             elif len(new_ids[i]) == params.max_new_tokens:
                 reason = "length"
-            if reason is not None:
-                done[i] = True
+            finished[i] = reason is not None
             yield TokenEvent(row=i // n, sample=i % n, token_id=token, finish_reason=reason)
-        if bool(done.all()):
+        if all(finished):
             return
+        done = torch.tensor(finished, device=device)
         logits = state.step(tokens)
 
 
@@ -528,4 +526,3 @@ __all__ = [
     "process_scores",
     "stream",
 ]
-

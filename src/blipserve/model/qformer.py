@@ -72,8 +72,16 @@ class MultiHeadAttention(nn.Module):
         """x (B, T, d) attends to context (B, S, kv_size) -> (B, T, d)."""
         b, t, d = x.shape
         q = self.query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.key(context).view(b, context.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.value(context).view(b, context.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        k = (
+            self.key(context)
+            .view(b, context.shape[1], self.num_heads, self.head_dim)
+            .transpose(1, 2)
+        )
+        v = (
+            self.value(context)
+            .view(b, context.shape[1], self.num_heads, self.head_dim)
+            .transpose(1, 2)
+        )
         out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return out.transpose(1, 2).reshape(b, t, d)
 
@@ -144,7 +152,7 @@ class QFormer(nn.Module):
         self.encoder = QFormerEncoder(config)
 
     def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """queries (B, Q, d) and image (B, S, d_vision), both in this module's dtype -> (B, Q, d)."""
+        """queries (B, Q, d) and image (B, S, d_vision), in this module's dtype -> (B, Q, d)."""
         x = self.layernorm(queries)
         for layer in self.encoder.layer:
             x = layer(x, image)

@@ -57,7 +57,9 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.class_embedding = nn.Parameter(torch.empty(1, 1, d))
-        self.patch_embedding = nn.Conv2d(3, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            3, d, kernel_size=config.patch_size, stride=config.patch_size
+        )
         self.position_embedding = nn.Parameter(torch.empty(1, config.num_positions, d))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
