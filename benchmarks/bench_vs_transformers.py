@@ -65,11 +65,9 @@ class Transformers:
             from transformers import BlipImageProcessor
 
         self.device = device
-        self.model = (
-            Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=getattr(torch, dtype))
-            .to(device)
-            .eval()
-        )
+        self.model = Blip2ForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=getattr(torch, dtype), device_map=device
+        ).eval()
         self.processor = BlipImageProcessor.from_pretrained(checkpoint)
         config = self.model.config
         self.start = [config.image_token_index] * config.num_query_tokens + [
@@ -88,7 +86,8 @@ class Transformers:
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )
-        new = out[:, input_ids.shape[1] :] if out.shape[1] > max_new_tokens else out
+        # transformers returns the prompt ids too when it was given them (5.x does)
+        new = out[:, input_ids.shape[1] :] if out.shape[1] > input_ids.shape[1] else out
         eos = self.model.generation_config.eos_token_id
         return [trim_after_eos(row.tolist(), eos) for row in new]
 

@@ -3,7 +3,7 @@
 Loads the same small checkpoint the test suite uses on ``cuda`` in every dtype and runs
 every generation mode, comparing float32 CUDA output with transformers on CUDA:
 
-    python benchmarks/cuda_smoke.py
+    python benchmarks/cuda_smoke.py [cuda|cpu]
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from photos import photo_batch
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "no CUDA device"
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    assert device != "cuda" or torch.cuda.is_available(), "no CUDA device"
     root = Path(tempfile.mkdtemp())
-    reference = checkpoints.build_reference(root, variant=0, seed=0).to("cuda")
+    reference = checkpoints.build_reference(root, variant=0, seed=0).to(device)
     directory = checkpoints.save_checkpoint(reference, root, "sharded")
     images = photo_batch(4)
     failures = 0
@@ -35,15 +36,15 @@ def main() -> None:
         dict(max_new_tokens=12),
         dict(num_beams=3, num_return_sequences=2, max_new_tokens=8),
     ):
-        pipe = blipserve.load(str(directory), device="cuda", dtype="float32", exif_transpose=False)
+        pipe = blipserve.load(str(directory), device=device, dtype="float32", exif_transpose=False)
         ours = [[g.token_ids for g in row] for row in pipe.generate(images, PROMPTS, **gen)]
-        with torch.device("cuda"):
+        with torch.device(device):
             theirs = reference_generate(reference, directory, images, PROMPTS, **gen)
         same = ours == theirs
         failures += not same
-        print(f"cuda float32 {gen}: identical to transformers on cuda: {same}")
+        print(f"{device} float32 {gen}: identical to transformers on {device}: {same}")
     for dtype in ("bfloat16", "float16"):
-        pipe = blipserve.load(str(directory), device="cuda", dtype=dtype)
+        pipe = blipserve.load(str(directory), device=device, dtype=dtype)
         greedy = pipe.caption(images, max_new_tokens=8)
         sampled = pipe.generate(
             images, do_sample=True, top_p=0.9, seed=0, num_return_sequences=2, max_new_tokens=8
@@ -57,7 +58,7 @@ def main() -> None:
         streamed = "".join(pipe.stream(images[0], max_new_tokens=8)).strip()
         failures += not repeatable or streamed != greedy[0]
         print(
-            f"cuda {dtype}: greedy {len(greedy)} captions, "
+            f"{device} {dtype}: greedy {len(greedy)} captions, "
             f"seeded sampling repeatable {repeatable}, "
             f"stream equals greedy {streamed == greedy[0]}"
         )

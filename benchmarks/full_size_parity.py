@@ -63,7 +63,8 @@ def run_reference(checkpoint: Path, device: str, dtype: torch.dtype, max_new: in
             min_new_tokens=max_new,
             do_sample=False,
         )
-    return {"logits": logits.float().cpu(), "tokens": out[:, input_ids.shape[1] :].cpu().tolist()}
+    new = out[:, input_ids.shape[1] :] if out.shape[1] > input_ids.shape[1] else out
+    return {"logits": logits.float().cpu(), "tokens": new.cpu().tolist()}
 
 
 def run_blipserve(checkpoint: Path, device: str, dtype: torch.dtype, max_new: int) -> dict:

@@ -43,8 +43,13 @@ class Setup:
         embeds = embeds.masked_scatter((ids == self.image)[..., None], prefix)
         with torch.no_grad():
             out = self.reference.generate(
-                input_ids=ids, inputs_embeds=embeds, attention_mask=mask, eos_token_id=self.eos,
-                pad_token_id=self.pad, bos_token_id=BOS, **options,
+                input_ids=ids,
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                bos_token_id=BOS,
+                **options,
             )
         results = []
         for row in out[:, ids.shape[1] :].tolist():
@@ -56,8 +61,13 @@ class Setup:
     def run_ours(self, prompts=PROMPTS, prefix=None, **options) -> list[list[tuple]]:
         prefix = self.prefix if prefix is None else prefix
         outputs = generate(
-            self.ours, prefix, prompts, GenerationParams.from_dict(options),
-            eos_token_ids=self.eos, pad_token_id=self.pad, image_token_id=self.image,
+            self.ours,
+            prefix,
+            prompts,
+            GenerationParams.from_dict(options),
+            eos_token_ids=self.eos,
+            pad_token_id=self.pad,
+            image_token_id=self.image,
         )
         return [[(o.token_ids, o.finish_reason) for o in row] for row in outputs]
 
@@ -70,8 +80,15 @@ def setup() -> Setup:
     beams = probe.run_ours(max_new_tokens=MAX_NEW, num_beams=4, num_return_sequences=4)
     later = [t for row in beams for ids, _ in row for t in ids[1:]]
     common = sorted(set(later), key=lambda t: (-later.count(t), t))
-    return Setup(reference, probe.ours, prefix, eos=common[1:3], image=common[0], pad=common[3],
-                 common=tuple(common))
+    return Setup(
+        reference,
+        probe.ours,
+        prefix,
+        eos=common[1:3],
+        image=common[0],
+        pad=common[3],
+        common=tuple(common),
+    )
 
 
 CASES = {
@@ -118,8 +135,15 @@ def test_many_eos_ids_keep_enough_candidates(setup):
 
 def test_seeded_sampling_draws_like_the_reference(setup):
     """Same seed, same draws: the reference samples from torch's global RNG."""
-    options = dict(max_new_tokens=MAX_NEW, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
-                   num_return_sequences=2, repetition_penalty=1.2)
+    options = dict(
+        max_new_tokens=MAX_NEW,
+        do_sample=True,
+        temperature=0.7,
+        top_k=20,
+        top_p=0.9,
+        num_return_sequences=2,
+        repetition_penalty=1.2,
+    )
     torch.manual_seed(1234)
     expected = setup.run_reference(**options)
     assert setup.run_ours(seed=1234, **options) == expected
@@ -137,8 +161,9 @@ def test_batch_invariance(setup):
     """A row gives the same tokens alone and inside a padded batch."""
     batch = setup.run_ours(max_new_tokens=MAX_NEW, num_beams=3)
     for i, prompt in enumerate(PROMPTS):
-        alone = setup.run_ours([prompt], setup.prefix[i : i + 1], max_new_tokens=MAX_NEW,
-                               num_beams=3)
+        alone = setup.run_ours(
+            [prompt], setup.prefix[i : i + 1], max_new_tokens=MAX_NEW, num_beams=3
+        )
         assert alone[0] == batch[i]
 
 
@@ -155,8 +180,10 @@ def test_both_endings_occur(setup):
 
 
 def test_early_stopping_modes_matter(setup):
-    outs = [setup.run_ours(max_new_tokens=MAX_NEW, num_beams=4, length_penalty=2.0,
-                           early_stopping=mode) for mode in (False, True, "never")]
+    outs = [
+        setup.run_ours(max_new_tokens=MAX_NEW, num_beams=4, length_penalty=2.0, early_stopping=mode)
+        for mode in (False, True, "never")
+    ]
     assert outs[0] != outs[1] and outs[0] != outs[2]
 
 

@@ -13,8 +13,15 @@ from blipserve.errors import UnsupportedModel
 from blipserve.model.opt import OPTConfig, OPTForCausalLM
 
 TINY = dict(
-    vocab_size=1000, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-    max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+    vocab_size=1000,
+    hidden_size=64,
+    ffn_dim=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=2,
 )
 
 
@@ -102,18 +109,62 @@ def test_incremental_decoding_with_cache_equals_full_forward():
     with torch.no_grad():
         full = ours(ours.embed_tokens(full_ids), positions(full_mask), full_mask.bool())
         c = ours.config
-        cache = KVCache(c.num_hidden_layers, 3, c.num_attention_heads, 16, c.head_dim,
-                        torch.float32, "cpu")
+        cache = KVCache(
+            c.num_hidden_layers, 3, c.num_attention_heads, 16, c.head_dim, torch.float32, "cpu"
+        )
         width = ids.shape[1]
         steps = [ours(ours.embed_tokens(ids), positions(mask), mask.bool(), cache, 0)[:, -1]]
         pos = positions(full_mask)
         for j in range(extra.shape[1] - 1):
             slot = width + j
-            logits = ours(ours.embed_tokens(extra[:, j : j + 1]), pos[:, slot : slot + 1],
-                          full_mask[:, : slot + 1].bool(), cache, slot)
+            logits = ours(
+                ours.embed_tokens(extra[:, j : j + 1]),
+                pos[:, slot : slot + 1],
+                full_mask[:, : slot + 1].bool(),
+                cache,
+                slot,
+            )
             steps.append(logits[:, -1])
     expected = full[:, width - 1 : width - 1 + extra.shape[1]]
     torch.testing.assert_close(torch.stack(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unpadded_batch_without_mask_equals_masked():
+    """``key_mask=None`` (no padding: causal prefill, unmasked decode) gives the same
+    logits as an explicit all-True mask, at prefill and at each cached decode step."""
+    ours = ours_from(reference_opt(seed=2))
+    ids = torch.tensor([[2, 5, 9, 14, 3], [2, 7, 7, 1, 20]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    pos = positions(mask.long())
+    c = ours.config
+    outputs = {}
+    with torch.no_grad():
+        for name, key_mask in (("masked", mask), ("unmasked", None)):
+            cache = KVCache(
+                c.num_hidden_layers, 2, c.num_attention_heads, 8, c.head_dim, torch.float32, "cpu"
+            )
+            logits = [
+                ours(
+                    ours.embed_tokens(ids[:, :3]),
+                    pos[:, :3],
+                    None if key_mask is None else key_mask[:, :3],
+                    cache,
+                    0,
+                )
+            ]
+            for slot in (3, 4):
+                step_mask = None if key_mask is None else key_mask[:, : slot + 1]
+                logits.append(
+                    ours(
+                        ours.embed_tokens(ids[:, slot : slot + 1]),
+                        pos[:, slot : slot + 1],
+                        step_mask,
+                        cache,
+                        slot,
+                    )
+                )
+            outputs[name] = torch.cat(logits, dim=1)
+    torch.testing.assert_close(outputs["unmasked"], outputs["masked"], atol=1e-6, rtol=1e-6)
 
 
 def test_cache_reorder_and_repeat_move_rows():
@@ -143,12 +194,23 @@ def test_from_hf_defaults_equal_reference_class_defaults():
 
 def test_from_hf_fills_omitted_fields_of_the_blip2_opt_diff():
     config = OPTConfig.from_hf(
-        {"model_type": "opt", "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
-         "num_attention_heads": 32, "vocab_size": 50304, "eos_token_id": 50118,
-         "word_embed_proj_dim": 2560, "torch_dtype": "float32"}
+        {
+            "model_type": "opt",
+            "hidden_size": 2560,
+            "ffn_dim": 10240,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "vocab_size": 50304,
+            "eos_token_id": 50118,
+            "word_embed_proj_dim": 2560,
+            "torch_dtype": "float32",
+        }
     )
     assert (config.head_dim, config.max_position_embeddings, config.activation_function) == (
-        80, 2048, "relu")
+        80,
+        2048,
+        "relu",
+    )
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (1, 2, 50118)
     assert config.do_layer_norm_before and config.enable_bias
 

@@ -117,7 +117,10 @@ def test_chat_ignores_system_and_developer_messages():
 
 def test_chat_merges_consecutive_messages_of_one_role():
     messages = [
-        user("look at this."), user("what is it?"), assistant("a cat"), assistant("sleeping"),
+        user("look at this."),
+        user("what is it?"),
+        assistant("a cat"),
+        assistant("sleeping"),
         user("where?"),
     ]
     assert chat_prompt(messages) == (

@@ -100,8 +100,14 @@ def test_beam_candidates_cover_every_eos_ending():
 
 def tiny_lm(seed: int = 0, flat: bool = False) -> OPTForCausalLM:
     torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=1000, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=64)
+    config = OPTConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     lm = OPTForCausalLM(config).eval()
     with torch.no_grad():
         lm.model.decoder.embed_tokens.weight.normal_()
@@ -114,8 +120,16 @@ PROMPTS = [[2, 40, 41], [2]]
 
 
 def run(lm, stop_checker=None, prefix=PREFIX, prompts=PROMPTS, **options):
-    return generate(lm, prefix, prompts, GenerationParams.from_dict(options), eos_token_ids=[],
-                    pad_token_id=1, image_token_id=999, stop_checker=stop_checker)
+    return generate(
+        lm,
+        prefix,
+        prompts,
+        GenerationParams.from_dict(options),
+        eos_token_ids=[],
+        pad_token_id=1,
+        image_token_id=999,
+        stop_checker=stop_checker,
+    )
 
 
 def tokens(outputs) -> list[list[list[int]]]:
@@ -149,15 +163,23 @@ def test_stop_checker_ends_a_sequence_with_stop():
 
 
 def test_stop_checker_ends_beam_hypotheses():
-    out = run(tiny_lm(), lambda row, ids: len(ids) == 3, max_new_tokens=8, num_beams=3,
-              num_return_sequences=2)
+    out = run(
+        tiny_lm(),
+        lambda row, ids: len(ids) == 3,
+        max_new_tokens=8,
+        num_beams=3,
+        num_return_sequences=2,
+    )
     assert {(len(o.token_ids), o.finish_reason) for row in out for o in row} == {(3, "stop")}
 
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(do_sample=True, seed=3, num_return_sequences=2), dict(num_beams=3,
-     num_return_sequences=2)],
+    [
+        dict(),
+        dict(do_sample=True, seed=3, num_return_sequences=2),
+        dict(num_beams=3, num_return_sequences=2),
+    ],
     ids=["greedy", "sample", "beam"],
 )
 def test_stream_yields_exactly_the_generated_tokens(options):
@@ -174,7 +196,8 @@ def test_stream_yields_exactly_the_generated_tokens(options):
             events = collected.pop((row, i))
             assert [e.token_id for e in events] == out.token_ids
             assert [e.finish_reason for e in events] == [None] * (len(events) - 1) + [
-                out.finish_reason]
+                out.finish_reason
+            ]
     assert not collected
     assert any(o.finish_reason == "stop" for row in expected for o in row)
 
@@ -232,8 +255,11 @@ def test_from_dict_refuses_unknown_keys_and_normalises_values():
         {"stop": "\n", "temperature": 1, "seed": None, "top_p": None, "num_beams": 2}
     )
     params.validate()
-    assert params.stop == ("\n",) and params.temperature == 1.0 and isinstance(
-        params.temperature, float)
+    assert (
+        params.stop == ("\n",)
+        and params.temperature == 1.0
+        and isinstance(params.temperature, float)
+    )
     assert params.top_p == 1.0 and params.seed is None and params.num_beams == 2
     assert GenerationParams.from_dict({"stop": ["a", "b"]}).stop == ("a", "b")
 

@@ -29,20 +29,52 @@ IMAGE_TOKEN = "<image>"
 VOCAB_SIZE = 1200
 
 _SUBJECTS = [
-    "a woman", "a man", "two dogs", "the cat", "a child", "an old car", "the red bus",
-    "a group of people", "a small bird", "the chef", "a horse", "my friend", "the city",
+    "a woman",
+    "a man",
+    "two dogs",
+    "the cat",
+    "a child",
+    "an old car",
+    "the red bus",
+    "a group of people",
+    "a small bird",
+    "the chef",
+    "a horse",
+    "my friend",
+    "the city",
 ]
 _VERBS = [
-    "is sitting on", "walks along", "stands next to", "looks at", "is parked near",
-    "runs across", "is playing with", "flies over", "rests under", "is holding",
+    "is sitting on",
+    "walks along",
+    "stands next to",
+    "looks at",
+    "is parked near",
+    "runs across",
+    "is playing with",
+    "flies over",
+    "rests under",
+    "is holding",
 ]
 _OBJECTS = [
-    "the beach", "a wooden bench", "the river", "a green field", "the kitchen table",
-    "a snowy mountain", "the busy street", "an umbrella", "a plate of food", "the window",
+    "the beach",
+    "a wooden bench",
+    "the river",
+    "a green field",
+    "the kitchen table",
+    "a snowy mountain",
+    "the busy street",
+    "an umbrella",
+    "a plate of food",
+    "the window",
 ]
 _QUESTIONS = [
-    "which city is this?", "what is in the picture?", "how many people are there?",
-    "what color is the car?", "where is the dog?", "is it raining?", "what time is it?",
+    "which city is this?",
+    "what is in the picture?",
+    "how many people are there?",
+    "what color is the car?",
+    "where is the dog?",
+    "is it raining?",
+    "what time is it?",
 ]
 _EXTRAS = [
     "Hello, world! It's 3:45 p.m. -- isn't it?",
@@ -113,7 +145,10 @@ def _train() -> Tokenizer:
 
 def _token_entry(content: str, *, normalized: bool) -> dict[str, object]:
     return {
-        "content": content, "lstrip": False, "normalized": normalized, "rstrip": False,
+        "content": content,
+        "lstrip": False,
+        "normalized": normalized,
+        "rstrip": False,
         "single_word": False,
     }
 
@@ -121,7 +156,9 @@ def _token_entry(content: str, *, normalized: bool) -> dict[str, object]:
 def _special_tokens_map() -> dict[str, object]:
     eos = _token_entry("</s>", normalized=True)
     return {
-        "bos_token": eos, "eos_token": eos, "unk_token": eos,
+        "bos_token": eos,
+        "eos_token": eos,
+        "unk_token": eos,
         "pad_token": _token_entry("<pad>", normalized=True),
     }
 
@@ -157,11 +194,13 @@ def _fast_tokenizer(vocab: dict[str, int], merges: list, image_id: int) -> Token
     tokenizer.post_processor = processors.TemplateProcessing(
         single="</s>:0 $A:0", pair="</s>:0 $A:0 $B:1", special_tokens=[("</s>", 2)]
     )
-    tokenizer.add_special_tokens([
-        AddedToken("<pad>", normalized=True),
-        AddedToken("</s>", normalized=True),
-        AddedToken(IMAGE_TOKEN, normalized=False),
-    ])
+    tokenizer.add_special_tokens(
+        [
+            AddedToken("<pad>", normalized=True),
+            AddedToken("</s>", normalized=True),
+            AddedToken(IMAGE_TOKEN, normalized=False),
+        ]
+    )
     assert tokenizer.token_to_id(IMAGE_TOKEN) == image_id
     return tokenizer
 

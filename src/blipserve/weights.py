@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ SKIPPED: dict[str, str] = {
 }
 TIED_HEAD = "language_model.lm_head.weight"
 INPUT_EMBEDDING = "language_model.model.decoder.embed_tokens.weight"
+COPY_THREADS = 8  # host-to-device copies in flight while loading onto an accelerator
 LEGACY_BIAS = re.compile(r"(vision_model\.encoder\.layers\.\d+\.self_attn)\.(q_bias|v_bias)$")
 
 
@@ -98,42 +100,24 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> Blip2Model:
     """Build a :class:`Blip2Model` from ``directory``'s weight files."""
+    device = torch.device(device)
     with torch.device("meta"):
         model = Blip2Model(config)
     expected = model.state_dict()  # meta tensors: names and shapes
     tie_head = config.tie_word_embeddings
-    loaded: dict[str, torch.Tensor] = {}
-    source: dict[str, Path] = {}
-    legacy_biases: dict[str, dict[str, torch.Tensor]] = {}
 
     def target_dtype(name: str) -> torch.dtype:
         return torch.float32 if keeps_fp32(name) else dtype
 
-    for path in checkpoint_files(directory):
-        for name, tensor in iter_tensors(path):
-            if skip_reason(name) or (name == TIED_HEAD and tie_head):
-                continue
-            if legacy := LEGACY_BIAS.match(name):
-                legacy_biases.setdefault(legacy.group(1), {})[legacy.group(2)] = tensor
-                source[f"{legacy.group(1)}.qkv.bias"] = path
-                continue
-            if name not in expected:
-                raise CheckpointError(
-                    f"unexpected tensor {name!r} in {path}: it does not belong to a BLIP-2 "
-                    "OPT model with this config.json"
-                )
-            _check_shape(name, tensor, expected[name], path)
-            loaded[name] = tensor.to(device=device, dtype=target_dtype(name))
-            source[name] = path
-
-    for prefix, parts in legacy_biases.items():
-        name = f"{prefix}.qkv.bias"
-        if set(parts) != {"q_bias", "v_bias"}:
-            raise CheckpointError(f"{source[name]} has only {sorted(parts)} for {prefix}")
-        q, v = parts["q_bias"], parts["v_bias"]
-        bias = torch.cat([q, torch.zeros_like(q), v])  # k has no learned bias
-        _check_shape(name, bias, expected[name], source[name])
-        loaded[name] = bias.to(device=device, dtype=target_dtype(name))
+    tensors = checked_tensors(directory, expected, tie_head=tie_head)
+    if device.type == "cpu":  # torch already spreads each dtype conversion over the cores
+        loaded = {name: to_target(t, device, target_dtype(name)) for name, t in tensors}
+    else:  # copies release the GIL: keep several host-to-device copies in flight
+        with ThreadPoolExecutor(COPY_THREADS) as copier:
+            futures = {
+                name: copier.submit(to_target, t, device, target_dtype(name)) for name, t in tensors
+            }
+            loaded = {name: future.result() for name, future in futures.items()}
 
     if tie_head and INPUT_EMBEDDING in loaded:
         loaded[TIED_HEAD] = loaded[INPUT_EMBEDDING]
@@ -148,6 +132,44 @@ def load_model(
     if tie_head:
         model.tie_weights()
     return model.eval()
+
+
+def checked_tensors(
+    directory: Path, expected: dict[str, torch.Tensor], *, tie_head: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every checkpoint tensor we use, under our name, shape-checked; skipped ones with a
+    reason in :data:`SKIPPED`; anything unknown is an error naming the tensor and file."""
+    legacy_biases: dict[str, dict[str, torch.Tensor]] = {}
+    source: dict[str, Path] = {}
+    for path in checkpoint_files(directory):
+        for name, tensor in iter_tensors(path):
+            if skip_reason(name) or (name == TIED_HEAD and tie_head):
+                continue
+            if legacy := LEGACY_BIAS.match(name):
+                legacy_biases.setdefault(legacy.group(1), {})[legacy.group(2)] = tensor
+                source[legacy.group(1)] = path
+                continue
+            if name not in expected:
+                raise CheckpointError(
+                    f"unexpected tensor {name!r} in {path}: it does not belong to a BLIP-2 "
+                    "OPT model with this config.json"
+                )
+            _check_shape(name, tensor, expected[name], path)
+            yield name, tensor
+
+    for prefix, parts in legacy_biases.items():
+        if set(parts) != {"q_bias", "v_bias"}:
+            raise CheckpointError(f"{source[prefix]} has only {sorted(parts)} for {prefix}")
+        q, v = parts["q_bias"], parts["v_bias"]
+        name = f"{prefix}.qkv.bias"
+        bias = torch.cat([q, torch.zeros_like(q), v])  # k has no learned bias
+        _check_shape(name, bias, expected[name], source[prefix])
+        yield name, bias
+
+
+def to_target(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Move at the file's width, then convert where the tensor lands (fast on a GPU)."""
+    return tensor.to(device).to(dtype)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, want: torch.Tensor, path: Path) -> None:

@@ -204,6 +204,7 @@ class PromptBatch:
 
     embeds: torch.Tensor  # (B, L, D)
     key_mask: torch.Tensor  # (B, L) bool, True on real entries
+    padded: bool  # some row has left padding (else the model may skip its attention mask)
     position_ids: torch.Tensor  # (B, L) 0-based over real entries; -1 on padding
     history_ids: torch.Tensor  # (B, L) ids the repetition penalty sees; -1 = none
 
@@ -240,12 +241,13 @@ def build_prompt_batch(
     key_mask = slot >= torch.tensor(pads, device=device)[:, None]  # (B, L)
     position_ids = key_mask.long().cumsum(-1) * key_mask - 1
     history_ids = torch.tensor(history, dtype=torch.long, device=device)
-    return PromptBatch(embeds, key_mask, position_ids, history_ids)
+    return PromptBatch(embeds, key_mask, any(pads), position_ids, history_ids)
 
 
 def prefill(lm: OPTForCausalLM, batch: PromptBatch, cache: KVCache) -> torch.Tensor:
     """Run the prompt rows once, filling cache slots ``0:L``; -> (B, V) next-token logits."""
-    logits = lm(batch.embeds, batch.position_ids, batch.key_mask, cache, 0, last_only=True)
+    key_mask = batch.key_mask if batch.padded else None
+    logits = lm(batch.embeds, batch.position_ids, key_mask, cache, 0, last_only=True)
     return logits[:, -1]
 
 
@@ -253,13 +255,13 @@ def decode_step(
     lm: OPTForCausalLM,
     token_ids: torch.Tensor,
     position_ids: torch.Tensor,
-    key_mask: torch.Tensor,
+    key_mask: torch.Tensor | None,
     cache: KVCache,
     cache_start: int,
 ) -> torch.Tensor:
     """(N,) tokens at (N,) positions into slot ``cache_start``; -> (N, V) next-token logits.
 
-    ``key_mask`` (N, cache_start + 1) marks the real slots, the new one included.
+    ``key_mask`` (N, cache_start + 1) marks the real slots, the new one included (None: all).
     """
     embeds = lm.embed_tokens(token_ids[:, None])  # (N, 1, D)
     logits = lm(embeds, position_ids[:, None], key_mask, cache, cache_start)
@@ -310,7 +312,7 @@ class DecodeState:
             self.lm,
             token_ids,
             self.next_position,
-            self.key_mask[:, : self.length + 1],
+            self.key_mask[:, : self.length + 1] if self.batch.padded else None,
             self.cache,
             self.length,
         )

@@ -8,6 +8,10 @@ Embeddings in, logits out; the engine owns the loop. One call handles both phase
 - decode: ``inputs_embeds`` (B, 1, D) is the embedding of the last picked token, written
   at ``cache_start = tokens already cached``; ``key_mask`` (B, cache_start + 1) covers them all.
 
+``key_mask=None`` means every slot holds a real token (no left padding in the batch): the
+attention then runs without an explicit mask (causal at prefill, none for one new token),
+which lets ``scaled_dot_product_attention`` pick its fastest kernels, as the reference does.
+
 Positions are 0-based over real tokens only (``cumsum(mask) * mask - 1``); the learned
 position table is read at ``position + 2``, OPT's offset. Parameter names match the
 Hugging Face state dict (``model.decoder.*``, ``lm_head``) so weights load without renaming.
@@ -91,7 +95,23 @@ class OPTConfig:
         return self.hidden_size // self.num_attention_heads
 
 
-def attention_mask(key_mask: torch.Tensor, num_new: int, cache_start: int) -> torch.Tensor:
+def attention_mask(
+    key_mask: torch.Tensor | None, num_new: int, cache_start: int
+) -> tuple[torch.Tensor | None, bool]:
+    """The ``(attn_mask, is_causal)`` pair for ``scaled_dot_product_attention``.
+
+    Without padding (``key_mask`` None) no mask is built: one new token sees every cached
+    slot, and a prefill from an empty cache is plain causal attention.
+    """
+    if key_mask is None and num_new == 1:
+        return None, False
+    if key_mask is None and cache_start == 0:
+        return None, True
+    assert key_mask is not None, "several new tokens after cached ones need a key_mask"
+    return padded_attention_mask(key_mask, num_new, cache_start), False
+
+
+def padded_attention_mask(key_mask: torch.Tensor, num_new: int, cache_start: int) -> torch.Tensor:
     """(B, S) real-key flags -> (B, 1, T, S) bool: causal over cache slots and real keys only.
 
     The T new queries sit at cache slots ``cache_start ... cache_start + T - 1``. Each query
@@ -122,7 +142,7 @@ class OPTAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
+        mask: tuple[torch.Tensor | None, bool],
         cache: KVCacheLike | None,
         cache_start: int,
     ) -> torch.Tensor:
@@ -133,7 +153,10 @@ class OPTAttention(nn.Module):
         v = self.v_proj(x).view(heads).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_start)  # (B, H, S, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        attn_mask, is_causal = mask
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0
+        )
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -151,7 +174,11 @@ class OPTDecoderLayer(nn.Module):
         self.act = activation(config.activation_function)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCacheLike | None, cache_start: int
+        self,
+        x: torch.Tensor,
+        mask: tuple[torch.Tensor | None, bool],
+        cache: KVCacheLike | None,
+        cache_start: int,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, cache_start)
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
@@ -172,7 +199,7 @@ class OPTDecoder(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        key_mask: torch.Tensor,
+        key_mask: torch.Tensor | None,
         cache: KVCacheLike | None,
         cache_start: int,
         last_only: bool,
@@ -181,8 +208,9 @@ class OPTDecoder(nn.Module):
         if cache is None:
             assert cache_start == 0, "cache_start needs a cache"
         num_new = inputs_embeds.shape[1]
-        assert key_mask.shape[1] == cache_start + num_new, "key_mask must cover cached + new slots"
-        mask = attention_mask(key_mask, num_new, cache_start)  # (B, 1, T, S)
+        if key_mask is not None:
+            assert key_mask.shape[1] == cache_start + num_new, "key_mask must cover all slots"
+        mask = attention_mask(key_mask, num_new, cache_start)  # ((B, 1, T, S) | None, causal)
         x = inputs_embeds + self.embed_positions(position_ids + POSITION_OFFSET)
         for layer in self.layers:
             x = layer(x, mask, cache, cache_start)
@@ -216,14 +244,15 @@ class OPTForCausalLM(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        key_mask: torch.Tensor,
+        key_mask: torch.Tensor | None,
         cache: KVCacheLike | None = None,
         cache_start: int = 0,
         last_only: bool = False,
     ) -> torch.Tensor:
         """(B, T, D) embeddings at 0-based ``position_ids`` (B, T) -> (B, T, V) logits.
 
-        ``key_mask`` (B, cache_start + T) is True where a key slot holds a real token.
+        ``key_mask`` (B, cache_start + T) is True where a key slot holds a real token; None
+        when all of them do.
         ``last_only`` computes logits for the last position only: (B, 1, V).
         """
         hidden = self.model.decoder(

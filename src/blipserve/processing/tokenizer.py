@@ -45,7 +45,13 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 IMAGE_TOKEN = "<image>"
 # Named special tokens, in the order transformers lists them in ``all_special_ids``.
 SPECIAL_ROLES = (
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
 )
 _TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
@@ -242,7 +248,8 @@ def _named_special_tokens(config: dict[str, Any], directory: Path) -> dict[str, 
     """
     values = {role: config[role] for role in SPECIAL_ROLES if config.get(role) is not None}
     values |= {
-        key: value for key, value in config.items()
+        key: value
+        for key, value in config.items()
         if key.endswith("_token") and key not in SPECIAL_ROLES and isinstance(value, str)
     }
     declared = {_content(e): e for e in config.get("added_tokens_decoder", {}).values()}
