@@ -65,8 +65,10 @@ class Transformers:
             from transformers import BlipImageProcessor
 
         self.device = device
+        # device_map loads straight onto a GPU (it needs accelerate, which the CPU run lacks)
+        placement = {} if device == "cpu" else {"device_map": device}
         self.model = Blip2ForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=getattr(torch, dtype), device_map=device
+            checkpoint, dtype=getattr(torch, dtype), **placement
         ).eval()
         self.processor = BlipImageProcessor.from_pretrained(checkpoint)
         config = self.model.config
@@ -189,7 +191,9 @@ def main() -> None:
     results = {}
     for impl in ("transformers", "blipserve"):
         argv = [sys.executable, __file__, *sys.argv[1:], "--child", impl]
-        done = subprocess.run(argv, check=True, capture_output=True, text=True)
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{impl} failed:\n{done.stderr}")
         results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{impl}: done", file=sys.stderr)
     text = report(results, args)

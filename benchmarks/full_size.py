@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from blipserve.processing.image_processor import BLIP2_PREPROCESSOR_CONFIG
+
 REAL_VOCAB_SIZE = 50304  # BLIP-2's OPT embedding (OPT itself: 50272)
 IMAGE_TOKEN_ID = 50265
 NEWLINE_EOS_ID = 50118
@@ -42,19 +44,6 @@ BLIP2_OPT_27B = {
         "pad_token_id": 1,
         "eos_token_id": NEWLINE_EOS_ID,
     },
-}
-
-PREPROCESSOR = {
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "BlipImageProcessor",
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"height": 224, "width": 224},
 }
 
 
@@ -110,7 +99,7 @@ def build(out: Path, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> 
                 param.normal_(0.0, 0.02)
     count = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out, max_shard_size="10GB")
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(BLIP2_PREPROCESSOR_CONFIG, indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 2, "eos_token_id": NEWLINE_EOS_ID, "pad_token_id": 1})
     )

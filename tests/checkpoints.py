@@ -19,22 +19,10 @@ from transformers import (
     GenerationConfig,
 )
 
+from blipserve.processing.image_processor import BLIP2_PREPROCESSOR_CONFIG
 from tests.tokenizer_fixtures import build_test_tokenizer
 
 LAYOUTS = ("sharded", "single", "bin", "bin-sharded", "with-lm-head", "legacy-qv-bias")
-
-# The blip2-opt-2.7b preprocessor, written out in full.
-PREPROCESSOR = {
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"height": 224, "width": 224},
-}
 
 
 def tokenizer_dir(root: Path) -> Path:
@@ -126,7 +114,7 @@ def save_checkpoint(model: Blip2ForConditionalGeneration, root: Path, layout: st
     shard = "20KB" if layout in ("sharded", "bin-sharded") else "50GB"
     model.save_pretrained(directory, max_shard_size=shard)
     _copy_tokenizer(tokenizer_dir(root), directory)
-    BlipImageProcessor(**PREPROCESSOR).save_pretrained(directory)
+    BlipImageProcessor(**BLIP2_PREPROCESSOR_CONFIG).save_pretrained(directory)
     text = model.config.text_config
     GenerationConfig(
         bos_token_id=text.bos_token_id,

@@ -169,19 +169,29 @@ def test_demo_model_is_not_bundled_yet():
         resolve_checkpoint("demo")
 
 
+def run_offline(code: str, hf_home) -> subprocess.CompletedProcess:
+    """Run ``code`` in a child with the Hub forced offline and its endpoint on a closed
+    loopback port, so no packet leaves this machine even if the code under test were broken."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(hf_home),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_uncached_hub_id_offline_names_id_and_fix(tmp_path):
-    """Offline and not cached: the error names the id and how to get the files. Run in a
-    child with the Hub forced offline, so no packet leaves even if the code were broken."""
+    """Offline and not cached: the error names the id and how to get the files."""
     code = (
         "import blipserve, sys\n"
         "try:\n    blipserve.load('Salesforce/blip2-opt-2.7b', device='cpu')\n"
         "except blipserve.ModelNotFound as e:\n    print(e); sys.exit(0)\n"
         "sys.exit(1)\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    done = run_offline(code, tmp_path / "hf")
     assert done.returncode == 0, done.stderr
     assert "'Salesforce/blip2-opt-2.7b'" in done.stdout
     assert "hf download Salesforce/blip2-opt-2.7b" in done.stdout
@@ -199,9 +209,6 @@ def test_cached_hub_snapshot_loads_offline(tmp_path, single):
         "pipe = blipserve.load('acme/tiny-blip2', device='cpu')\n"
         "print(pipe.model.config.num_query_tokens)"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    done = run_offline(code, tmp_path / "hf")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "8"

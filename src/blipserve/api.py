@@ -172,16 +172,8 @@ class Pipeline:
         params = self.params(**gen)
         prompt_ids = self.tokenizer.encode_batch(texts)
         prefix = self.encode_images(sources)  # (B, Q, d_lm), once per image
-        outputs = generate(
-            self.model.language_model,
-            prefix,
-            prompt_ids,
-            params,
-            eos_token_ids=list(self.defaults.eos_token_ids),
-            pad_token_id=self.defaults.pad_token_id,
-            image_token_id=self.defaults.image_token_id,
-            stop_checker=self._stop_checker(params),
-        )
+        lm = self.model.language_model
+        outputs = generate(lm, prefix, prompt_ids, params, **self._engine_options(params))
         return [[self._to_generation(seq, params) for seq in row] for row in outputs]
 
     def caption(
@@ -209,16 +201,8 @@ class Pipeline:
         prefix = self.encode_images([image])
         prompt_ids = self.tokenizer.encode_batch([prompt or ""])
         decoder = IncrementalDecoder(self.tokenizer, params.stop)
-        for event in stream(
-            self.model.language_model,
-            prefix,
-            prompt_ids,
-            params,
-            eos_token_ids=list(self.defaults.eos_token_ids),
-            pad_token_id=self.defaults.pad_token_id,
-            image_token_id=self.defaults.image_token_id,
-            stop_checker=self._stop_checker(params),
-        ):
+        lm = self.model.language_model
+        for event in stream(lm, prefix, prompt_ids, params, **self._engine_options(params)):
             delta = decoder.push(event.token_id)
             if delta:
                 yield delta
@@ -227,15 +211,21 @@ class Pipeline:
 
     # -- outputs -----------------------------------------------------------------------
 
-    def _stop_checker(self, params: GenerationParams):
-        if not params.stop:
-            return None
+    def _engine_options(self, params: GenerationParams) -> dict[str, Any]:
+        """The checkpoint's token ids, and a stop-string check when stop strings are set."""
+        stop_checker = None
+        if params.stop:
 
-        def hit(row: int, new_ids: list[int]) -> bool:
-            text = self.tokenizer.decode(new_ids)
-            return any(s in text for s in params.stop)
+            def stop_checker(row: int, new_ids: list[int]) -> bool:
+                text = self.tokenizer.decode(new_ids)
+                return any(s in text for s in params.stop)
 
-        return hit
+        return {
+            "eos_token_ids": list(self.defaults.eos_token_ids),
+            "pad_token_id": self.defaults.pad_token_id,
+            "image_token_id": self.defaults.image_token_id,
+            "stop_checker": stop_checker,
+        }
 
     def _to_generation(self, seq: SequenceOutput, params: GenerationParams) -> Generation:
         text = truncate_at_stop(self.tokenizer.decode(seq.token_ids), params.stop)

@@ -33,6 +33,19 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The reference class default; every BLIP-2 checkpoint overrides it with 224x224.
 DEFAULT_SIZE = (384, 384)
+# ``preprocessor_config.json`` of the Salesforce/blip2-opt-* checkpoints, written out in full.
+BLIP2_PREPROCESSOR_CONFIG: dict[str, Any] = {
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": list(OPENAI_CLIP_MEAN),
+    "image_std": list(OPENAI_CLIP_STD),
+    "image_processor_type": "BlipImageProcessor",
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"height": 224, "width": 224},
+}
 
 
 @dataclass
