@@ -128,6 +128,12 @@ def test_bad_input_is_one_line_and_exit_1(tiny_checkpoint, photo_files, tmp_path
     assert "Traceback" not in err
 
 
+def test_chat_refuses_image_on_stdin(tiny_checkpoint):
+    done = run_cli("chat", "-", *model_flags(tiny_checkpoint), stdin=b"what is it?\n")
+    assert done.returncode == 1
+    assert "chat reads questions from standard input" in done.stderr.decode()
+
+
 def test_unknown_model_is_a_clear_error(photo_files):
     done = run_cli("caption", photo_files[0], "--model", "./nope", "--device", "cpu")
     assert done.returncode == 1

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 
 from blipserve.engine.generate import GenerationParams, SequenceOutput, generate, stream
 from blipserve.errors import InvalidRequest
@@ -141,12 +142,16 @@ class Pipeline:
 
     # -- inputs ------------------------------------------------------------------------
 
-    def preprocess(self, images: Any) -> torch.Tensor:
-        """Any image sources -> (B, 3, H, W) float32 pixel values."""
-        decoded = load_images(
+    def load_images(self, images: Any) -> list[Image.Image]:
+        """Any image sources -> decoded PIL images, with this pipeline's limits and EXIF
+        setting; a bad one raises :class:`InvalidImage` naming its row."""
+        return load_images(
             _as_list(images), limits=self.image_limits, exif_transpose=self.exif_transpose
         )
-        return self.image_processor(decoded)
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Any image sources -> (B, 3, H, W) float32 pixel values."""
+        return self.image_processor(self.load_images(images))
 
     @torch.inference_mode()
     def encode_images(self, images: Any) -> torch.Tensor:

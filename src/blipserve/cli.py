@@ -107,10 +107,13 @@ def run_caption(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
 
 
 def run_chat(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
-    image = read_image_arg(args.image)
-    prefix = pipe.encode_images([image])  # checks the image once, before the first question
-    del prefix
-    interactive = sys.stdin.isatty() and args.image != "-"
+    if args.image == "-":
+        raise BlipserveError(
+            "chat reads questions from standard input; give the image as a path or URL"
+        )
+    # Decode (or download) once, so each turn reuses the image and a bad one fails up front.
+    (image,) = pipe.load_images([args.image])
+    interactive = sys.stdin.isatty()
     messages: list[dict[str, str]] = []
     while True:
         if interactive:
