@@ -19,7 +19,7 @@ _EXPORTS = {
     "load": "blipserve.api",
     "Pipeline": "blipserve.api",
     "Generation": "blipserve.api",
-    "GenerationParams": "blipserve.engine.generate",
+    "GenerationParams": "blipserve.engine.params",
     "BlipserveError": "blipserve.errors",
     "CheckpointError": "blipserve.errors",
     "InvalidImage": "blipserve.errors",
@@ -32,7 +32,7 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
     from blipserve.api import Generation, Pipeline, load
-    from blipserve.engine.generate import GenerationParams
+    from blipserve.engine.params import GenerationParams
     from blipserve.errors import (
         BlipserveError,
         CheckpointError,

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from blipserve.engine.generate import GenerationParams, SequenceOutput, generate, stream
+from blipserve.engine.generate import SequenceOutput, generate, stream
+from blipserve.engine.params import GenerationParams
 from blipserve.errors import InvalidRequest
 from blipserve.model.blip2 import Blip2Config, Blip2Model
 from blipserve.processing.image_processor import ImageProcessor

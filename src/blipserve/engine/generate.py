@@ -27,15 +27,15 @@ is refused.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from blipserve.engine.beam_search import BeamSearch, EarlyStopping
+from blipserve.engine.beam_search import BeamSearch
 from blipserve.engine.kv_cache import KVCache
+from blipserve.engine.params import GenerationParams
 from blipserve.engine.sampling import (
     apply_repetition_penalty,
     apply_temperature,
@@ -53,124 +53,6 @@ from blipserve.model.opt import OPTForCausalLM
 
 FinishReason = Literal["stop", "length"]
 StopChecker = Callable[[int, list[int]], bool]  # (input row, new token ids) -> stop now?
-
-MAX_NEW_TOKENS = 1024
-MAX_BEAMS = 16
-MAX_RETURN_SEQUENCES = 16
-MAX_STOP_STRINGS = 8
-MAX_TEMPERATURE = 100.0
-MAX_REPETITION_PENALTY = 100.0
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """How to generate; defaults are the BLIP-2 checkpoints' (greedy, 20 new tokens).
-
-    ``early_stopping`` is True, False or ``"never"`` (the reference's three beam modes).
-    ``seed`` makes sampling repeatable; without it sampling uses torch's global RNG.
-    ``stop`` strings are matched by the caller's ``stop_checker`` (it owns the tokenizer).
-    """
-
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: EarlyStopping = False
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_return_sequences: int = 1
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    @classmethod
-    def checkpoint_keys(cls) -> tuple[str, ...]:
-        """Fields a checkpoint's ``generation_config.json`` may set (not ``seed``/``stop``)."""
-        return tuple(f.name for f in fields(cls) if f.name not in ("seed", "stop"))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GenerationParams:
-        """Build from user input; unknown keys are refused, ``None`` values mean "default".
-
-        Call :meth:`validate` on the result before use.
-        """
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - allowed)
-        if unknown:
-            raise InvalidRequest(
-                f"unknown generation parameter(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(sorted(allowed))}"
-            )
-        values = {k: v for k, v in d.items() if v is not None}
-        if isinstance(values.get("stop"), str):
-            values["stop"] = (values["stop"],)
-        elif isinstance(values.get("stop"), list | tuple):
-            values["stop"] = tuple(values["stop"])
-        for name in ("length_penalty", "temperature", "top_p", "repetition_penalty"):
-            if _is_int(values.get(name)):
-                values[name] = float(values[name])
-        return cls(**values)
-
-    def validate(self) -> None:
-        """Raise :class:`InvalidRequest` naming the first out-of-range parameter."""
-        _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
-        _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
-        _check_int("num_beams", self.num_beams, 1, MAX_BEAMS)
-        _check_float("length_penalty", self.length_penalty, -math.inf, math.inf)
-        if self.early_stopping not in (True, False, "never") or _is_int(self.early_stopping):
-            raise InvalidRequest(
-                f"early_stopping must be true, false or 'never', got {self.early_stopping!r}"
-            )
-        if not isinstance(self.do_sample, bool):
-            raise InvalidRequest(f"do_sample must be true or false, got {self.do_sample!r}")
-        _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
-        if self.do_sample and self.temperature == 0.0:
-            raise InvalidRequest(
-                "temperature must be > 0 when do_sample is true (for greedy decoding set "
-                "do_sample=false)"
-            )
-        _check_int("top_k", self.top_k, 0, 2**31 - 1)
-        _check_float("top_p", self.top_p, 0.0, 1.0)
-        if self.top_p == 0.0:
-            raise InvalidRequest("top_p must be in (0, 1], got 0.0")
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY)
-        if self.repetition_penalty == 0.0:
-            raise InvalidRequest("repetition_penalty must be in (0, 100] (1.0 = off), got 0.0")
-        _check_int("num_return_sequences", self.num_return_sequences, 1, MAX_RETURN_SEQUENCES)
-        if self.do_sample and self.num_beams > 1:
-            raise InvalidRequest(
-                "do_sample with num_beams > 1 (beam sampling) is not supported; use num_beams=1 "
-                "to sample or do_sample=false for beam search"
-            )
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise InvalidRequest(
-                f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
-                f"({self.num_beams}) without sampling; set do_sample=true or raise num_beams"
-            )
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, 2**63 - 1)
-        if not isinstance(self.stop, tuple) or len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"stop must be a list of at most {MAX_STOP_STRINGS} strings")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequest("stop strings must be non-empty strings")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if not _is_int(value) or not low <= value <= high:
-        raise InvalidRequest(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float) -> None:
-    number = isinstance(value, float | int) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or not low <= value <= high:
-        span = "a finite number" if math.isinf(low) else f"a number in [{low}, {high}]"
-        raise InvalidRequest(f"{name} must be {span}, got {value!r}")
 
 
 @dataclass(frozen=True)
