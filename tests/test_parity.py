@@ -8,6 +8,8 @@ Blip2Processor (left-padded tokenizer + BlipImageProcessor, PIL backend) and ``g
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoTokenizer, Blip2Processor
@@ -185,15 +187,10 @@ def test_bfloat16_as_close_to_float32_as_reference(
     pixels = pipe.preprocess(images)
     with torch.no_grad():
         exact = reference_model.get_image_features(pixels).pooler_output
-    reference = reference_model.to(torch.bfloat16)
-    try:
-        with torch.no_grad():
-            theirs = reference.get_image_features(pixels.to(torch.bfloat16)).pooler_output.float()
-        ref_tokens = reference_generate(
-            reference, tiny_checkpoint, images, prompts, max_new_tokens=12
-        )
-    finally:
-        reference_model.to(torch.float32)
+    reference = copy.deepcopy(reference_model).to(torch.bfloat16)  # the fixture stays fp32
+    with torch.no_grad():
+        theirs = reference.get_image_features(pixels.to(torch.bfloat16)).pooler_output.float()
+    ref_tokens = reference_generate(reference, tiny_checkpoint, images, prompts, max_new_tokens=12)
     ours = pipe.encode_images(images)
     assert ours.dtype == torch.bfloat16
     our_error, their_error = (ours.float() - exact).abs(), (theirs - exact).abs()

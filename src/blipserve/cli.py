@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blipserve.errors import BlipserveError
+
+if TYPE_CHECKING:
+    from blipserve.train.data import TrainExample
 
 GENERATION_FLAGS: list[tuple[str, type, str]] = [
     ("max_new_tokens", int, "most tokens to generate (default: the checkpoint's, 20)"),
@@ -46,7 +49,86 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sub in (caption, ask, chat):
         add_common_flags(sub)
+    add_train_parser(commands)
     return parser
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="stage-2 training: fit the Q-Former to image-caption pairs"
+    )
+    train.add_argument("--model", required=True, help="starting checkpoint directory or Hub id")
+    train.add_argument("--output", required=True, help="directory for checkpoints and the result")
+    data = train.add_argument_group("data")
+    data.add_argument("--data", help="caption table (.csv or .jsonl: image, caption[, prompt])")
+    data.add_argument("--eval-data", help="held-out caption table, evaluated at the end")
+    opt = train.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    opt.add_argument("--warmup-steps", type=int, default=100)
+    opt.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    opt.add_argument("--eval-every", type=int, help="steps between evaluations")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    opt.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
+    opt.add_argument("--resume", action="store_true", help="continue the run in --output")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    train.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the frozen image encoder and language model",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def training_examples(args: argparse.Namespace) -> list[TrainExample]:
+    """The training examples the arguments name (one source so far: --data)."""
+    from blipserve.train.data import read_caption_table
+
+    if not args.data:
+        raise BlipserveError("train needs --data TABLE (.csv or .jsonl)")
+    return read_caption_table(args.data)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    import blipserve
+    from blipserve.train.checkpoint import generation_config_of
+    from blipserve.train.data import read_caption_table
+    from blipserve.train.stage2 import TrainConfig, train_stage2
+
+    examples = training_examples(args)
+    eval_examples = read_caption_table(args.eval_data) if args.eval_data else None
+    config = TrainConfig(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    config.validate()
+    pipe = blipserve.load(args.model, device=args.device, dtype=args.dtype)
+    result = train_stage2(
+        pipe.model,
+        pipe.tokenizer,
+        pipe.image_processor,
+        examples,
+        config,
+        output_dir=args.output,
+        eval_examples=eval_examples,
+        resume=args.resume,
+        generation_config=generation_config_of(pipe),
+    )
+    summary = {"steps": result.step, "final_loss": result.final_loss, "output": str(args.output)}
+    if result.eval is not None:
+        summary |= {"eval_loss": result.eval.loss, "eval_accuracy": result.eval.accuracy}
+    print(json.dumps(summary), flush=True)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +212,9 @@ def run_chat(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train":
+            run_train(args)
+            return 0
         import blipserve
 
         pipe = blipserve.load(

@@ -73,6 +73,22 @@ class Blip2Config:
             tie_word_embeddings=text.get("tie_word_embeddings", d.get("tie_word_embeddings", True)),
         )
 
+    def to_hf(self) -> dict:
+        """A complete ``config.json``, read by :meth:`from_hf` and by the reference's
+        ``Blip2Config`` / ``Blip2ForConditionalGeneration.from_pretrained``."""
+        tie = self.tie_word_embeddings
+        return {
+            "architectures": ["Blip2ForConditionalGeneration"],
+            "model_type": "blip-2",
+            "vision_config": self.vision.to_hf(),
+            "qformer_config": self.qformer.to_hf(),
+            "text_config": {**self.text.to_hf(), "tie_word_embeddings": tie},
+            "num_query_tokens": self.num_query_tokens,
+            "image_token_index": self.image_token_index,
+            "tie_word_embeddings": tie,
+            "use_decoder_only_language_model": True,
+        }
+
 
 def keeps_fp32(name: str) -> bool:
     """True for state-dict entries the precision policy keeps in float32."""
@@ -96,15 +112,24 @@ class Blip2Model(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the frozen image encoder and language model."""
-        return self.language_projection.weight.dtype
+        return self.language_model.lm_head.weight.dtype
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float pixels -> (B, Q, d_lm) prefix embeddings in the model dtype."""
-        image = self.vision_model(pixel_values)  # (B, 257, d_vision)
+        return self.query_image(self.vision_model(pixel_values))  # from (B, 257, d_vision)
+
+    def query_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, S, d_vision) image sequence -> (B, Q, d_lm) prefix embeddings in its dtype.
+
+        The projection runs in its own dtype: the model dtype at inference, float32 while
+        stage-2 training keeps float32 master weights for it.
+        """
         qformer_dtype = self.query_tokens.dtype
         queries = self.query_tokens.expand(image.shape[0], -1, -1)  # (B, Q, d_qformer)
         query_output = self.qformer(queries, image.to(qformer_dtype))  # (B, Q, d_qformer), fp32
-        return self.language_projection(query_output.to(image.dtype))  # (B, Q, d_lm)
+        projection = self.language_projection
+        prefix = projection(query_output.to(projection.weight.dtype))  # (B, Q, d_lm)
+        return prefix.to(image.dtype)
 
     def tie_weights(self) -> None:
         """Share the input embedding with the output head (OPT's tied ``lm_head``)."""

@@ -19,7 +19,7 @@ Hugging Face state dict (``model.decoder.*``, ``lm_head``) so weights load witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
 import torch
@@ -89,6 +89,10 @@ class OPTConfig:
     def from_hf(cls, d: dict) -> OPTConfig:
         """Read a checkpoint's ``text_config``; omitted fields take the reference defaults."""
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_hf(self) -> dict:
+        """The ``text_config`` entry of a ``config.json`` (the reference's ``OPTConfig``)."""
+        return {"model_type": "opt", **asdict(self)}
 
     @property
     def head_dim(self) -> int:

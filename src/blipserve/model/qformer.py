@@ -16,7 +16,7 @@ its inputs and outputs. Parameter names match the ``qformer.*`` checkpoint keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,10 @@ class QFormerConfig:
         config = cls(**known)
         assert config.hidden_size % config.num_attention_heads == 0, "hidden not divisible by heads"
         return config
+
+    def to_hf(self) -> dict:
+        """The ``qformer_config`` entry of a ``config.json`` (``Blip2QFormerConfig``)."""
+        return {"model_type": "blip_2_qformer", **asdict(self)}
 
     @property
     def head_dim(self) -> int:

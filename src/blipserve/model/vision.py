@@ -11,7 +11,7 @@ without renaming.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,11 @@ class VisionConfig:
         config = cls(**known)
         assert config.hidden_size % config.num_attention_heads == 0, "hidden not divisible by heads"
         return config
+
+    def to_hf(self) -> dict:
+        """The ``vision_config`` entry of a ``config.json`` (read by :meth:`from_hf` and the
+        reference's ``Blip2VisionConfig``)."""
+        return {"model_type": "blip_2_vision_model", **asdict(self)}
 
     @property
     def head_dim(self) -> int:

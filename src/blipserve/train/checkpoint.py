@@ -1,0 +1,174 @@
+"""Save a :class:`Blip2Model` as a Hugging Face checkpoint; build a fresh one from parts.
+
+:func:`save_checkpoint` writes a directory that :func:`blipserve.load` and transformers'
+``Blip2ForConditionalGeneration.from_pretrained`` / ``Blip2Processor.from_pretrained`` read:
+
+    config.json                 Blip2Config.to_hf(), plus the dtype of the saved weights
+    model.safetensors           every tensor, except lm_head when it is tied to embed_tokens
+    tokenizer.json, tokenizer_config.json
+    preprocessor_config.json    the image processor's settings
+    processor_config.json       num_query_tokens
+    generation_config.json      as given (bos 2, eos "\\n", pad 1 for the Salesforce models)
+
+:func:`assemble` joins a pre-trained image encoder and language model with a freshly
+initialised Q-Former, query tokens and projection: the starting point of stage-2 training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from blipserve.model.blip2 import Blip2Config, Blip2Model, keeps_fp32
+from blipserve.model.opt import OPTForCausalLM
+from blipserve.model.qformer import QFormer, QFormerConfig
+from blipserve.model.vision import VisionTransformer
+from blipserve.processing.image_processor import ImageProcessor
+from blipserve.processing.tokenizer import Tokenizer
+from blipserve.weights import TIED_HEAD
+
+if TYPE_CHECKING:
+    from blipserve.api import Pipeline
+
+WEIGHTS_NAME = "model.safetensors"
+INIT_STD = 0.02  # BERT's initializer range, used for the fresh Q-Former, queries and projection
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def save_checkpoint(
+    model: Blip2Model,
+    tokenizer: Tokenizer,
+    image_processor: ImageProcessor,
+    directory: str | Path,
+    *,
+    generation_config: dict[str, Any],
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model`` and its processing files to ``directory``; returns the directory.
+
+    ``dtype`` casts the image encoder, projection and language model; the query tokens and
+    Q-Former stay float32 (the precision policy). ``None`` saves every tensor as it is.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(checkpoint_tensors(model, dtype), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    saved_dtype = dtype or model.language_model.lm_head.weight.dtype
+    _write_json(
+        directory / "config.json", {**model.config.to_hf(), "dtype": DTYPE_NAMES[saved_dtype]}
+    )
+    tokenizer.save_pretrained(directory)
+    _write_json(directory / "preprocessor_config.json", image_processor.to_dict())
+    processor = {
+        "num_query_tokens": model.config.num_query_tokens,
+        "processor_class": "Blip2Processor",
+    }
+    _write_json(directory / "processor_config.json", processor)
+    _write_json(directory / "generation_config.json", generation_config)
+    return directory
+
+
+def checkpoint_tensors(
+    model: Blip2Model, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict as safetensors wants it: on the CPU, contiguous, no shared storage."""
+    tied = model.config.tie_word_embeddings
+    if tied:
+        lm = model.language_model
+        assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight, "lm_head is not tied"
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if tied and name == TIED_HEAD:
+            continue  # the loaders tie it to embed_tokens again
+        if dtype is not None and tensor.is_floating_point() and not keeps_fp32(name):
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def generation_config_of(pipe: Pipeline) -> dict[str, Any]:
+    """The ``generation_config.json`` content a pipeline's checkpoint carried."""
+    defaults = pipe.defaults
+    eos = list(defaults.eos_token_ids)
+    return {
+        "bos_token_id": pipe.tokenizer.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": defaults.pad_token_id,
+        **defaults.params,
+    }
+
+
+# -- a fresh model from pre-trained parts ----------------------------------------------------
+
+
+def assemble(
+    vision: VisionTransformer,
+    language_model: OPTForCausalLM,
+    qformer_config: QFormerConfig,
+    num_query_tokens: int = 32,
+    image_token_index: int | None = None,
+    seed: int = 0,
+) -> Blip2Model:
+    """A BLIP-2 model around ``vision`` and ``language_model`` (used as they are, not copied)
+    with a new Q-Former, query tokens and projection, initialised from ``seed``:
+    linear weights and queries ~ N(0, 0.02), biases 0, LayerNorms 1 and 0.
+
+    The Q-Former and queries are float32; the projection takes the language model's dtype.
+    """
+    weight = language_model.lm_head.weight
+    vision_weight = vision.embeddings.patch_embedding.weight
+    assert (vision_weight.device, vision_weight.dtype) == (weight.device, weight.dtype), (
+        "the image encoder and the language model must share a device and dtype"
+    )
+    qformer_config = replace(qformer_config, encoder_hidden_size=vision.config.hidden_size)
+    text = language_model.config
+    config = Blip2Config(
+        vision=vision.config,
+        qformer=qformer_config,
+        text=text,
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_index,
+        tie_word_embeddings=text.tie_word_embeddings,
+    )
+    with torch.device("meta"):  # the shell only: its vision and language model are replaced
+        model = Blip2Model(config)
+    model.vision_model = vision
+    model.language_model = language_model
+
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.empty(1, num_query_tokens, qformer_config.hidden_size)
+    model.query_tokens = nn.Parameter(_normal(queries, generator).to(weight.device))
+    model.qformer = _initialised(QFormer(qformer_config), generator).to(weight.device)
+    projection = nn.Linear(qformer_config.hidden_size, text.hidden_size)
+    model.language_projection = _initialised(projection, generator).to(weight.device, weight.dtype)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def _initialised(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """BERT-style initialisation of every Linear and LayerNorm in ``module`` (on the CPU)."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                _normal(sub.weight, generator)
+                if sub.bias is not None:
+                    sub.bias.zero_()
+            elif isinstance(sub, nn.LayerNorm):
+                nn.init.ones_(sub.weight)
+                nn.init.zeros_(sub.bias)
+    return module
+
+
+def _normal(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    with torch.no_grad():
+        return tensor.copy_(INIT_STD * torch.randn(tensor.shape, generator=generator))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,239 @@
+"""Build the bundled demo model from nothing, reproducibly, on a CPU.
+
+    python -m blipserve.train.demo --output src/blipserve/demo_model
+
+The recipe follows BLIP-2: parts trained on their own, then frozen, then only the
+Q-Former (with its query tokens and projection) trained in stage 2 by
+:func:`blipserve.train.stage2.train_stage2`, the same code users fine-tune with.
+
+1. tokenizer: a byte-level BPE trained on the synthetic captions and questions (seed 1);
+2. image encoder: a small ViT pre-trained to name the contents of each grid cell (seed 2);
+3. language model: a small OPT decoder pre-trained on captions and answers, each after a
+   prefix naming each grid cell's contents (seed 1; see :mod:`blipserve.train.pretrain`);
+4. stage 2: frozen 2 and 3, a new Q-Former trained on captioning and VQA samples (seed 3);
+5. evaluation on held-out scenes (seed 1000, never used in training).
+
+Every step is seeded and runs on the CPU in float32 with one thread (thread count changes
+the order of floating-point sums), so the same command rebuilds the same weights on the
+same software versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from blipserve.api import CheckpointDefaults, Pipeline
+from blipserve.model.opt import OPTConfig
+from blipserve.model.qformer import QFormerConfig
+from blipserve.model.vision import VisionConfig
+from blipserve.processing.image_processor import BLIP2_PREPROCESSOR_CONFIG, ImageProcessor
+from blipserve.processing.tokenizer import Tokenizer
+from blipserve.train.bpe import write_bpe_tokenizer
+from blipserve.train.checkpoint import assemble, save_checkpoint
+from blipserve.train.data import TrainExample
+from blipserve.train.evaluate import evaluate_synthetic
+from blipserve.train.pretrain import (
+    PretrainSettings,
+    pretrain_language_model,
+    pretrain_vision,
+)
+from blipserve.train.stage2 import TrainConfig, train_stage2
+from blipserve.train.synthetic import (
+    caption,
+    cell_labels,
+    corpus,
+    questions,
+    render,
+    samples,
+    scenes,
+    vqa_prompt,
+)
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    image_size: int = 96
+    patch_size: int = 16
+    hidden: int = 128
+    vision_layers: int = 4
+    qformer_layers: int = 2
+    text_layers: int = 3
+    heads: int = 4
+    num_query_tokens: int = 9  # one per grid cell, as the language model's prefix
+    vocab_size: int = 400
+    tokenizer_scenes: int = 3000
+    vision_scenes: int = 8000
+    vision_steps: int = 2000
+    text_scenes: int = 6000
+    text_steps: int = 1500
+    stage2_scenes: int = 4000
+    stage2_steps: int = 2000
+    stage2_batch: int = 48
+    stage2_lr: float = 1e-3
+    eval_scenes: int = 500
+
+
+def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
+    """Run the whole recipe; write the checkpoint to ``output``; return the build record."""
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(prefix="blipserve-demo-"))
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+        print(f"[demo] {name}: {timings[name]} s", file=sys.stderr, flush=True)
+
+    tokenizer = Tokenizer.from_pretrained(
+        write_bpe_tokenizer(
+            corpus(recipe.tokenizer_scenes, 1), work / "tokenizer", vocab_size=recipe.vocab_size
+        )
+    )
+    eos = tokenizer.encode("\n")[1]
+    processor = ImageProcessor.from_dict(
+        {
+            **BLIP2_PREPROCESSOR_CONFIG,
+            "size": {"height": recipe.image_size, "width": recipe.image_size},
+        }
+    )
+    lap("tokenizer")
+
+    vision_config = VisionConfig(
+        hidden_size=recipe.hidden,
+        intermediate_size=2 * recipe.hidden,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.heads,
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+    )
+    train_scenes = scenes(recipe.vision_scenes, 2)
+    pixels = torch.cat([processor([render(s)]) for s in train_scenes])
+    labels = torch.tensor([cell_labels(s) for s in train_scenes])
+    classifier, cell_accuracy = pretrain_vision(
+        vision_config, pixels, labels, PretrainSettings(recipe.vision_steps, 64, 1e-3, seed=2)
+    )
+    del pixels
+    lap("image encoder")
+
+    text_config = OPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=recipe.hidden,
+        ffn_dim=4 * recipe.hidden,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.heads,
+        max_position_embeddings=64,
+        word_embed_proj_dim=recipe.hidden,
+        eos_token_id=eos,
+    )
+    language_model, text_loss = pretrain_language_model(
+        text_config,
+        tokenizer,
+        _text_pairs(recipe.text_scenes, 1),
+        PretrainSettings(recipe.text_steps, 64, 2e-3, seed=1),
+    )
+    lap("language model")
+
+    qformer_config = QFormerConfig(
+        hidden_size=recipe.hidden,
+        num_hidden_layers=recipe.qformer_layers,
+        num_attention_heads=recipe.heads,
+        intermediate_size=2 * recipe.hidden,
+        cross_attention_frequency=1,
+        encoder_hidden_size=recipe.hidden,
+    )
+    model = assemble(
+        classifier.encoder,
+        language_model,
+        qformer_config,
+        num_query_tokens=recipe.num_query_tokens,
+        image_token_index=tokenizer.image_token_id,
+        seed=3,
+    )
+    generation_config = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_new_tokens": 40,
+    }
+    examples = [
+        TrainExample(s.image, s.text, s.prompt, origin=f"synthetic scene {i // 3}")
+        for i, s in enumerate(samples(recipe.stage2_scenes, 3, vqa_per_image=2))
+    ]
+    result = train_stage2(
+        model,
+        tokenizer,
+        processor,
+        examples,
+        TrainConfig(
+            max_steps=recipe.stage2_steps,
+            batch_size=recipe.stage2_batch,
+            lr=recipe.stage2_lr,
+            warmup_steps=100,
+            seed=3,
+            save_every=None,
+        ),
+        output_dir=work / "stage2",
+        generation_config=generation_config,
+    )
+    lap("stage 2")
+
+    output.mkdir(parents=True, exist_ok=True)
+    for old in output.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_checkpoint(model, tokenizer, processor, output, generation_config=generation_config)
+    defaults = CheckpointDefaults.read(output, model.config)
+    pipe = Pipeline(model, tokenizer, processor, defaults, name="demo")
+    report = evaluate_synthetic(pipe, recipe.eval_scenes)
+    lap("evaluation")
+    record = {
+        "recipe": asdict(recipe),
+        "seconds": timings,
+        "torch": torch.__version__,
+        "vision_cell_accuracy": round(cell_accuracy, 4),
+        "text_final_loss": round(text_loss, 4),
+        "stage2_final_loss": round(result.final_loss, 4),
+        "eval": {
+            "images": report.images,
+            "caption_exact_match": round(report.caption_accuracy, 4),
+            "vqa_exact_match": round(report.vqa_accuracy, 4),
+            "vqa_by_question": {k: round(v, 4) for k, v in report.vqa_by_question.items()},
+        },
+    }
+    (output / "build_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(report.summary(), file=sys.stderr)
+    return record
+
+
+def _text_pairs(count: int, seed: int) -> list:
+    """(scene, text) pairs for the language model: each caption and each Q/A, eos-ended."""
+    rng = random.Random(seed)
+    pairs = []
+    for scene in scenes(count, seed):
+        pairs.append((scene, caption(scene) + "\n"))
+        pairs += [(scene, f"{vqa_prompt(q)} {a}\n") for q, a in questions(scene, rng)]
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="rebuild the bundled demo model")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parents[1] / "demo_model")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # reproducible sums, and no thrashing beside other processes
+    record = build(args.output)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Pre-training the demo model's frozen parts on their own, before stage 2.
+
+BLIP-2 starts from an image encoder and a language model that were trained elsewhere and
+stay frozen. The demo model has no such parts to download, so it makes its own:
+
+- :func:`pretrain_vision` trains a small ViT to name what sits in each cell of the
+  synthetic scenes' 3x3 grid (shape, colour and size, or empty), from pixels alone;
+- :func:`pretrain_language_model` trains a small OPT decoder as a text model of the
+  synthetic captions and answers. Each text follows a prefix of 9 embeddings, as it will
+  follow the 9 query outputs in BLIP-2: one per grid cell, the mean embedding of the
+  words naming what is there ("small", "red", "circle") or of ``<pad>`` where the cell is
+  empty. The decoder so learns to read a prefix; stage 2 then teaches the Q-Former to
+  write one from the image.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from blipserve.model.opt import OPTConfig, OPTForCausalLM
+from blipserve.model.vision import VisionConfig, VisionTransformer
+from blipserve.processing.tokenizer import Tokenizer
+from blipserve.train.synthetic import GRID, NUM_CELL_CLASSES, Scene
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warm-up to the peak learning rate, then cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- vision ------------------------------------------------------------------------------------
+
+
+class CellClassifier(nn.Module):
+    """ViT + a head that classifies each grid cell from the patch tokens it covers."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        side = config.image_size // config.patch_size
+        assert side % GRID == 0, "the patch grid must split evenly into the scene grid"
+        self.side = side
+        self.encoder = VisionTransformer(config)
+        self.head = nn.Linear(config.hidden_size, NUM_CELL_CLASSES)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 9, classes) logits, cells row-major."""
+        tokens = self.encoder(pixels)[:, 1:]  # (B, side*side, D), CLS dropped
+        b, _, d = tokens.shape
+        per = self.side // GRID
+        grid = tokens.view(b, GRID, per, GRID, per, d).mean(dim=(2, 4))  # (B, 3, 3, D)
+        return self.head(grid.reshape(b, GRID * GRID, d))
+
+
+def pretrain_vision(
+    config: VisionConfig,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    settings: PretrainSettings,
+) -> tuple[CellClassifier, float]:
+    """Train on (N, 3, H, W) pixels and (N, 9) cell labels; -> classifier (its ``encoder``
+    is the vision tower), running training accuracy."""
+    torch.manual_seed(settings.seed)
+    model = CellClassifier(config)
+    _init(model)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    schedule = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+    progress = tqdm(range(settings.steps), desc="vision encoder", leave=False)
+    accuracy = 0.0
+    for _ in progress:
+        index = torch.randint(len(pixels), (settings.batch_size,), generator=generator)
+        logits = model(pixels[index].float())
+        loss = F.cross_entropy(logits.reshape(-1, NUM_CELL_CLASSES), labels[index].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        accuracy = 0.9 * accuracy + 0.1 * (logits.argmax(-1) == labels[index]).float().mean().item()
+        progress.set_postfix(loss=f"{loss.item():.3f}", cell_acc=f"{accuracy:.3f}")
+    return model.eval(), accuracy
+
+
+# -- language model ----------------------------------------------------------------------------
+
+
+def cell_word_ids(tokenizer: Tokenizer, scene: Scene) -> list[list[int]]:
+    """Per grid cell (row-major), the ids of " size", " colour", " shape", or 3 x ``<pad>``."""
+    pad = tokenizer.pad_token_id
+    cells = [[pad, pad, pad] for _ in range(GRID * GRID)]
+    for obj in scene.objects:
+        words = (obj.size, obj.color, obj.shape)
+        cells[obj.row * GRID + obj.col] = [tokenizer.encode(" " + w)[1] for w in words]
+    return cells
+
+
+def pretrain_language_model(
+    config: OPTConfig,
+    tokenizer: Tokenizer,
+    texts: Sequence[tuple[Scene, str]],
+    settings: PretrainSettings,
+) -> tuple[OPTForCausalLM, float]:
+    """Train on (scene, text) pairs, each text read after the scene's cell prefix.
+
+    ``text`` is the whole continuation as the model will produce it ("Question: ... Answer:
+    red\\n" or "a big red circle\\n"); BOS is prepended. -> model, final loss."""
+    torch.manual_seed(settings.seed)
+    model = OPTForCausalLM(config)
+    _init(model)
+    model.lm_head.weight = model.model.decoder.embed_tokens.weight  # tied, as OPT
+    rows = [(cell_word_ids(tokenizer, scene), tokenizer.encode(text)) for scene, text in texts]
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    schedule = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
+    rng = random.Random(settings.seed)
+    progress = tqdm(range(settings.steps), desc="language model", leave=False)
+    loss_value = float("nan")
+    for _ in progress:
+        batch = rng.sample(rows, settings.batch_size)
+        loss = _lm_loss(model, batch, tokenizer.pad_token_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_value = loss.item()
+        progress.set_postfix(loss=f"{loss_value:.3f}")
+    return model.eval(), loss_value
+
+
+def _lm_loss(
+    model: OPTForCausalLM, batch: list[tuple[list[list[int]], list[int]]], pad: int
+) -> torch.Tensor:
+    """[cell prefix | BOS text <pad>...] rows; loss on the text tokens after BOS."""
+    cells = torch.tensor([c for c, _ in batch])  # (B, 9, 3)
+    prefix = model.embed_tokens(cells).mean(dim=2)  # (B, 9, D)
+    width = max(len(t) for _, t in batch)
+    ids = torch.full((len(batch), width), pad)
+    for i, (_, text) in enumerate(batch):
+        ids[i, : len(text)] = torch.tensor(text)
+    real = torch.cat([torch.ones(len(batch), prefix.shape[1], dtype=torch.bool), ids != pad], 1)
+    positions = real.long().cumsum(-1) * real - 1  # prefix at 0..8, BOS at 9, as in stage 2
+    embeds = torch.cat([prefix, model.embed_tokens(ids)], dim=1)
+    logits = model(embeds, positions, real)[:, prefix.shape[1] :]  # (B, T, V), text part
+    labels = ids.masked_fill(ids == pad, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def _init(module: nn.Module) -> None:
+    """Small-normal weights, zero biases, unit LayerNorms (modules are built uninitialised)."""
+    for name, param in module.named_parameters():
+        with torch.no_grad():
+            if "norm" in name.lower():
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
