@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import blipserve
-from blipserve.errors import InvalidRequest
+from blipserve.errors import BlipserveError, InvalidRequest
 from blipserve.model.blip2 import Blip2Config, keeps_fp32
 from blipserve.model.qformer import QFormerConfig
 from blipserve.train import stage2
@@ -517,3 +517,21 @@ def test_train_command_end_to_end(tiny_checkpoint, tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 1 and "--resume" in again.stderr
+
+
+def test_train_command_reads_synthetic_scenes_and_tables(tmp_path):
+    """``--synthetic N`` adds N generated scenes (a caption and two questions each)."""
+    import argparse
+
+    from blipserve.cli import training_examples
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    (tmp_path / "data.csv").write_text("image,caption\nred.png,a red square\n")
+    args = argparse.Namespace(data=str(tmp_path / "data.csv"), synthetic=4, synthetic_seed=3)
+    examples = training_examples(args)
+    assert len(examples) == 1 + 4 * 3
+    assert examples[0].caption == "a red square"
+    prompts = [e.prompt for e in examples[1:]]
+    assert prompts.count("") == 4 and all(p.startswith("Question: ") for p in prompts if p)
+    with pytest.raises(BlipserveError, match="--synthetic N"):
+        training_examples(argparse.Namespace(data=None, synthetic=None, synthetic_seed=3))

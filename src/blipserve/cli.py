@@ -50,7 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (caption, ask, chat):
         add_common_flags(sub)
     add_train_parser(commands)
+    add_evaluate_parser(commands)
     return parser
+
+
+def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="exact-match caption and VQA accuracy on held-out synthetic scenes"
+    )
+    evaluate.add_argument("--model", default="demo", help="demo, a checkpoint directory or Hub id")
+    evaluate.add_argument("--count", type=int, default=500, help="held-out images (default 500)")
+    evaluate.add_argument("--seed", type=int, default=1000, help="scene seed (default: held out)")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    evaluate.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    import blipserve
+    from blipserve.train.evaluate import evaluate_synthetic
+
+    if args.count < 1:
+        raise BlipserveError("--count must be at least 1")
+    pipe = blipserve.load(args.model, device=args.device, dtype=args.dtype)
+    report = evaluate_synthetic(pipe, args.count, args.seed)
+    if args.json:
+        fields = ("images", "caption_accuracy", "vqa_accuracy", "vqa_by_question")
+        print(json.dumps({name: getattr(report, name) for name in fields}), flush=True)
+    else:
+        print(report.summary(), flush=True)
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -62,6 +92,10 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     data = train.add_argument_group("data")
     data.add_argument("--data", help="caption table (.csv or .jsonl: image, caption[, prompt])")
     data.add_argument("--eval-data", help="held-out caption table, evaluated at the end")
+    data.add_argument(
+        "--synthetic", type=int, metavar="N", help="train on N generated scenes (captions + VQA)"
+    )
+    data.add_argument("--synthetic-seed", type=int, default=3, help="seed of the scenes")
     opt = train.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     opt.add_argument("--batch-size", type=int, default=16)
@@ -84,12 +118,16 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def training_examples(args: argparse.Namespace) -> list[TrainExample]:
-    """The training examples the arguments name (one source so far: --data)."""
+    """The training examples the arguments name: a caption table, generated scenes, or both."""
     from blipserve.train.data import read_caption_table
+    from blipserve.train.synthetic import synthetic_examples
 
-    if not args.data:
-        raise BlipserveError("train needs --data TABLE (.csv or .jsonl)")
-    return read_caption_table(args.data)
+    if not args.data and not args.synthetic:
+        raise BlipserveError("train needs --data TABLE (.csv or .jsonl) or --synthetic N")
+    examples = read_caption_table(args.data) if args.data else []
+    if args.synthetic:
+        examples += synthetic_examples(args.synthetic, args.synthetic_seed)
+    return examples
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -212,8 +250,8 @@ def run_chat(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            run_train(args)
+        if args.command in ("train", "evaluate"):
+            (run_train if args.command == "train" else run_evaluate)(args)
             return 0
         import blipserve
 

@@ -2,8 +2,8 @@
 
 A name is resolved in this order:
 
-1. ``demo``: the small model bundled inside the package (it arrives with the demo-model
-   release; until then a clear :class:`ModelNotFound`);
+1. ``demo``: the small model bundled inside the package (docs/demo-model.md; not shipped
+   until it meets its quality bar, a clear :class:`ModelNotFound` until then);
 2. an existing local path: a directory in the Hugging Face layout (``config.json`` and
    weights);
 3. a Hugging Face Hub id (``Salesforce/blip2-opt-2.7b``): the local Hub cache first, then a
@@ -48,7 +48,8 @@ def demo_checkpoint() -> Path:
     if not (directory / "config.json").is_file():
         raise ModelNotFound(
             "the bundled demo model is not part of this blipserve build yet; pass a "
-            "checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b' with --model"
+            "checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b' with --model "
+            "(or build one with `python -m blipserve.train.demo --output DIR`)"
         )
     return directory
 

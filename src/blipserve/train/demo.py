@@ -40,7 +40,6 @@ from blipserve.processing.image_processor import BLIP2_PREPROCESSOR_CONFIG, Imag
 from blipserve.processing.tokenizer import Tokenizer
 from blipserve.train.bpe import write_bpe_tokenizer
 from blipserve.train.checkpoint import assemble, save_checkpoint
-from blipserve.train.data import TrainExample
 from blipserve.train.evaluate import evaluate_synthetic
 from blipserve.train.pretrain import (
     PretrainSettings,
@@ -54,8 +53,8 @@ from blipserve.train.synthetic import (
     corpus,
     questions,
     render,
-    samples,
     scenes,
+    synthetic_examples,
     vqa_prompt,
 )
 
@@ -165,10 +164,7 @@ def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
         "pad_token_id": tokenizer.pad_token_id,
         "max_new_tokens": 40,
     }
-    examples = [
-        TrainExample(s.image, s.text, s.prompt, origin=f"synthetic scene {i // 3}")
-        for i, s in enumerate(samples(recipe.stage2_scenes, 3, vqa_per_image=2))
-    ]
+    examples = synthetic_examples(recipe.stage2_scenes, 3)
     result = train_stage2(
         model,
         tokenizer,

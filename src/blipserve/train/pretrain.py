@@ -15,7 +15,6 @@ stay frozen. The demo model has no such parts to download, so it makes its own:
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from blipserve.model.opt import OPTConfig, OPTForCausalLM
 from blipserve.model.vision import VisionConfig, VisionTransformer
 from blipserve.processing.tokenizer import Tokenizer
+from blipserve.train.stage2 import warmup_cosine
 from blipserve.train.synthetic import GRID, NUM_CELL_CLASSES, Scene
 
 
@@ -39,18 +40,6 @@ class PretrainSettings:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    """Linear warm-up to the peak learning rate, then cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # -- vision ------------------------------------------------------------------------------------
@@ -90,7 +79,7 @@ def pretrain_vision(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
-    schedule = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
+    schedule = LambdaLR(optimizer, warmup_cosine(settings.warmup_steps, settings.steps))
     generator = torch.Generator().manual_seed(settings.seed)
     progress = tqdm(range(settings.steps), desc="vision encoder", leave=False)
     accuracy = 0.0
@@ -139,7 +128,7 @@ def pretrain_language_model(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
-    schedule = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
+    schedule = LambdaLR(optimizer, warmup_cosine(settings.warmup_steps, settings.steps))
     rng = random.Random(settings.seed)
     progress = tqdm(range(settings.steps), desc="language model", leave=False)
     loss_value = float("nan")

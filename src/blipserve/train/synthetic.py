@@ -221,6 +221,18 @@ def samples(
             yield Sample(image, vqa_prompt(question), answer, scene)
 
 
+def synthetic_examples(count: int, seed: int, *, vqa_per_image: int = 2) -> list:
+    """:func:`samples` as stage-2 training examples (captions and VQA together)."""
+    from blipserve.train.data import TrainExample
+
+    return [
+        TrainExample(
+            s.image, s.text, s.prompt, origin=f"synthetic scene {i // (1 + vqa_per_image)}"
+        )
+        for i, s in enumerate(samples(count, seed, vqa_per_image=vqa_per_image))
+    ]
+
+
 def cell_labels(scene: Scene) -> list[int]:
     """Per grid cell (row-major): 0 if empty, else 1 + index of (shape, colour, size).
 
