@@ -213,13 +213,14 @@ def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
 
 
 def _text_pairs(count: int, seed: int) -> list:
-    """(scene, text) pairs for the language model: each caption and each Q/A, eos-ended."""
+    """(scene, prompt, target) triples for the language model: each caption (empty
+    prompt) and each question with its answer."""
     rng = random.Random(seed)
-    pairs = []
+    triples = []
     for scene in scenes(count, seed):
-        pairs.append((scene, caption(scene) + "\n"))
-        pairs += [(scene, f"{vqa_prompt(q)} {a}\n") for q, a in questions(scene, rng)]
-    return pairs
+        triples.append((scene, "", caption(scene)))
+        triples += [(scene, vqa_prompt(q), a) for q, a in questions(scene, rng)]
+    return triples
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from blipserve.model.opt import OPTConfig, OPTForCausalLM
 from blipserve.model.vision import VisionConfig, VisionTransformer
 from blipserve.processing.tokenizer import Tokenizer
+from blipserve.train.data import IGNORE_INDEX, encode_example
 from blipserve.train.stage2 import warmup_cosine
 from blipserve.train.synthetic import GRID, NUM_CELL_CLASSES, Scene
 
@@ -113,18 +114,24 @@ def cell_word_ids(tokenizer: Tokenizer, scene: Scene) -> list[list[int]]:
 def pretrain_language_model(
     config: OPTConfig,
     tokenizer: Tokenizer,
-    texts: Sequence[tuple[Scene, str]],
+    texts: Sequence[tuple[Scene, str, str]],
     settings: PretrainSettings,
 ) -> tuple[OPTForCausalLM, float]:
-    """Train on (scene, text) pairs, each text read after the scene's cell prefix.
+    """Train on (scene, prompt, target) triples, read after the scene's cell prefix.
 
-    ``text`` is the whole continuation as the model will produce it ("Question: ... Answer:
-    red\\n" or "a big red circle\\n"); BOS is prepended. -> model, final loss."""
+    Tokens and labels are built exactly as stage 2 builds them
+    (:func:`blipserve.train.data.encode_example`): the loss covers the target and its
+    eos only, so the decoder learns what follows a prompt (a caption after a bare BOS, an
+    answer after a question) rather than the questions themselves. -> model, final loss."""
     torch.manual_seed(settings.seed)
     model = OPTForCausalLM(config)
     _init(model)
     model.lm_head.weight = model.model.decoder.embed_tokens.weight  # tied, as OPT
-    rows = [(cell_word_ids(tokenizer, scene), tokenizer.encode(text)) for scene, text in texts]
+    eos = config.eos_token_id
+    rows = [
+        (cell_word_ids(tokenizer, scene), encode_example(tokenizer, prompt, target, eos))
+        for scene, prompt, target in texts
+    ]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -145,22 +152,28 @@ def pretrain_language_model(
     return model.eval(), loss_value
 
 
-def _lm_loss(
-    model: OPTForCausalLM, batch: list[tuple[list[list[int]], list[int]]], pad: int
-) -> torch.Tensor:
-    """[cell prefix | BOS text <pad>...] rows; loss on the text tokens after BOS."""
+def _lm_loss(model: OPTForCausalLM, batch: list, pad: int) -> torch.Tensor:
+    """[cell prefix | BOS prompt target <pad>...] rows; loss on the target tokens."""
     cells = torch.tensor([c for c, _ in batch])  # (B, 9, 3)
     prefix = model.embed_tokens(cells).mean(dim=2)  # (B, 9, D)
-    width = max(len(t) for _, t in batch)
+    width = max(len(ids) for _, (ids, _) in batch)
     ids = torch.full((len(batch), width), pad)
-    for i, (_, text) in enumerate(batch):
-        ids[i, : len(text)] = torch.tensor(text)
-    real = torch.cat([torch.ones(len(batch), prefix.shape[1], dtype=torch.bool), ids != pad], 1)
+    labels = torch.full((len(batch), width), IGNORE_INDEX)
+    for i, (_, (row_ids, row_labels)) in enumerate(batch):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+    text_real = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (_, (row_ids, _)) in enumerate(batch):
+        text_real[i, : len(row_ids)] = True
+    real = torch.cat([torch.ones(len(batch), prefix.shape[1], dtype=torch.bool), text_real], 1)
     positions = real.long().cumsum(-1) * real - 1  # prefix at 0..8, BOS at 9, as in stage 2
     embeds = torch.cat([prefix, model.embed_tokens(ids)], dim=1)
     logits = model(embeds, positions, real)[:, prefix.shape[1] :]  # (B, T, V), text part
-    labels = ids.masked_fill(ids == pad, -100)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
 
 
 def _init(module: nn.Module) -> None:
