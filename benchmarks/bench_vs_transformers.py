@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from photos import photo_batch
+from photos import photo_batch, reference_image_processor
 
 
 def synchronize(device: str) -> None:
@@ -59,18 +59,13 @@ class Transformers:
     def __init__(self, checkpoint: str, device: str, dtype: str) -> None:
         from transformers import Blip2ForConditionalGeneration
 
-        try:  # the same PIL preprocessing as blipserve, even where torchvision is installed
-            from transformers import BlipImageProcessorPil as BlipImageProcessor
-        except ImportError:
-            from transformers import BlipImageProcessor
-
         self.device = device
         # device_map loads straight onto a GPU (it needs accelerate, which the CPU run lacks)
         placement = {} if device == "cpu" else {"device_map": device}
         self.model = Blip2ForConditionalGeneration.from_pretrained(
             checkpoint, dtype=getattr(torch, dtype), **placement
         ).eval()
-        self.processor = BlipImageProcessor.from_pretrained(checkpoint)
+        self.processor = reference_image_processor(checkpoint)
         config = self.model.config
         self.start = [config.image_token_index] * config.num_query_tokens + [
             config.text_config.bos_token_id

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from full_size import IMAGE_TOKEN_ID, build
-from photos import sample_photos
+from photos import reference_image_processor, sample_photos
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "china"]
 CAPTION_IDS = [2]  # BOS only: plain captioning
@@ -38,13 +38,8 @@ def images() -> list:
 def run_reference(checkpoint: Path, device: str, dtype: torch.dtype, max_new: int) -> dict:
     from transformers import Blip2ForConditionalGeneration
 
-    try:  # pin the PIL preprocessing, even where torchvision is installed
-        from transformers import BlipImageProcessorPil as BlipImageProcessor
-    except ImportError:
-        from transformers import BlipImageProcessor
-
     model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    processor = BlipImageProcessor.from_pretrained(checkpoint)
+    processor = reference_image_processor(checkpoint)
     pixels = processor(images(), return_tensors="pt")["pixel_values"].to(device, dtype)
     queries = model.config.num_query_tokens
     longest = max(len(p) for p in PROMPTS)

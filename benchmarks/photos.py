@@ -1,4 +1,4 @@
-"""Real photos that ship inside packages (no downloads): the benchmark and parity inputs."""
+"""Benchmark inputs: real photos that ship inside packages, and the reference preprocessing."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ def photo_batch(n: int) -> list[Image.Image]:
     """``n`` photos, cycling through the sample set."""
     photos = list(sample_photos().values())
     return [photos[i % len(photos)] for i in range(n)]
+
+
+def reference_image_processor(checkpoint):
+    """transformers' BLIP image processor for ``checkpoint``, pinned to its PIL backend
+    (the one blipserve matches) even where torchvision is installed."""
+    try:
+        from transformers import BlipImageProcessorPil as processor_class
+    except ImportError:  # transformers before the backend split: the plain class is PIL
+        from transformers import BlipImageProcessor as processor_class
+    return processor_class.from_pretrained(checkpoint)
