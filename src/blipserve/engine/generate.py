@@ -49,7 +49,7 @@ from blipserve.engine.sampling import (
     top_p_filter,
 )
 from blipserve.errors import InvalidRequest
-from blipserve.model.opt import OPTForCausalLM
+from blipserve.model.opt import OPTConfig, OPTForCausalLM
 
 FinishReason = Literal["stop", "length"]
 StopChecker = Callable[[int, list[int]], bool]  # (input row, new token ids) -> stop now?
@@ -229,6 +229,18 @@ def process_scores(
 # -- the loops ----------------------------------------------------------------------------
 
 
+def check_fits(config: OPTConfig, prompt_positions: int, queries: int, max_new_tokens: int) -> None:
+    """Refuse a prompt (``prompt_positions`` incl. ``queries``) that cannot get its
+    ``max_new_tokens`` within the model's learned positions."""
+    limit = config.max_position_embeddings
+    if prompt_positions + max_new_tokens > limit:
+        raise InvalidRequest(
+            f"prompt ({prompt_positions} positions incl. {queries} image queries) plus "
+            f"max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
+            "shorten the prompt or lower max_new_tokens"
+        )
+
+
 def _prepare(
     lm: OPTForCausalLM,
     prefix_embeds: torch.Tensor,
@@ -241,14 +253,8 @@ def _prepare(
     batch = build_prompt_batch(
         lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id, image_token_id=image_token_id
     )
-    longest = batch.key_mask.sum(dim=1).max().item()
-    limit = lm.config.max_position_embeddings
-    if longest + params.max_new_tokens > limit:
-        raise InvalidRequest(
-            f"prompt ({longest} positions incl. {prefix_embeds.shape[1]} image queries) plus "
-            f"max_new_tokens ({params.max_new_tokens}) exceeds the model's {limit} positions; "
-            "shorten the prompt or lower max_new_tokens"
-        )
+    longest = int(batch.key_mask.sum(dim=1).max().item())
+    check_fits(lm.config, longest, prefix_embeds.shape[1], params.max_new_tokens)
     return DecodeState(lm, batch, params.max_new_tokens, params.repetition_penalty != 1.0)
 
 
@@ -404,6 +410,7 @@ __all__ = [
     "SequenceOutput",
     "TokenEvent",
     "build_prompt_batch",
+    "check_fits",
     "decode_step",
     "generate",
     "prefill",

@@ -75,3 +75,32 @@ class KVCache:
         if repeats > 1:
             self.k = self.k.repeat_interleave(repeats, dim=1)
             self.v = self.v.repeat_interleave(repeats, dim=1)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (in that order); same as :meth:`reorder`, named for removal."""
+        self.reorder(index)
+
+    def drop_leading(self, slots: int) -> None:
+        """Forget the first ``slots`` slots (padding no row needs any more); a view, no copy."""
+        if slots > 0:
+            self.k = self.k[:, :, :, slots:]
+            self.v = self.v[:, :, :, slots:]
+
+
+def stack_right_aligned(parts: list[tuple[KVCache, int]], capacity: int) -> KVCache:
+    """Stack the rows of caches holding ``length`` filled slots each into a new cache of
+    ``capacity`` slots, all ending at slot ``max(length)``: shorter ones are left-padded
+    (their key masks must say so). (L, Bi, H, *, hd) -> (L, sum Bi, H, capacity, hd)."""
+    end = max(length for _, length in parts)
+    assert capacity >= end, f"capacity {capacity} < {end} filled slots"
+    layers, _, heads, _, head_dim = parts[0][0].k.shape
+    first = parts[0][0].k
+    rows = sum(cache.batch_size for cache, _ in parts)
+    joined = KVCache(layers, rows, heads, capacity, head_dim, first.dtype, first.device)
+    row = 0
+    for cache, length in parts:
+        b = cache.batch_size
+        joined.k[:, row : row + b, :, end - length : end] = cache.k[:, :, :, :length]
+        joined.v[:, row : row + b, :, end - length : end] = cache.v[:, :, :, :length]
+        row += b
+    return joined

@@ -1,0 +1,134 @@
+"""Continuous batching gives each request exactly what it gets alone (Pipeline.generate),
+whenever it joins and whatever runs beside it."""
+
+from __future__ import annotations
+
+import pytest
+
+import blipserve
+from blipserve.engine.continuous import ContinuousBatch, DecodeRequest
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prefixes(pipe, photos):
+    names = ["chelsea", "coffee", "astronaut", "china"]
+    return dict(zip(names, pipe.encode_images([photos[n] for n in names]), strict=True))
+
+
+def new_batch(pipe) -> ContinuousBatch:
+    d = pipe.defaults
+    return ContinuousBatch(
+        pipe.model.language_model,
+        eos_token_ids=list(d.eos_token_ids),
+        pad_token_id=d.pad_token_id,
+        image_token_id=d.image_token_id,
+    )
+
+
+def request(pipe, prefixes, image: str, prompt: str, **gen) -> DecodeRequest:
+    return DecodeRequest(prefixes[image], pipe.tokenizer.encode(prompt), pipe.params(**gen))
+
+
+def run(batch: ContinuousBatch, joining: dict[int, list[DecodeRequest]]) -> list[int]:
+    """Step until every request is done, adding ``joining[k]`` before step k;
+    -> the number of rows at each step."""
+    rows, step = [], 0
+    while joining or len(batch):
+        batch.add(joining.pop(step, []))
+        rows.append(batch.num_rows)
+        events = batch.step()
+        for event in events:  # events follow the tokens each sample keeps
+            assert event.request.new_ids[event.sample][-1] == event.token_id or event.finish_reason
+        step += 1
+    return rows
+
+
+def alone(pipe, photos, image: str, prompt: str, **gen) -> list[list[int]]:
+    return [g.token_ids for g in pipe.generate([photos[image]], [prompt], **gen)[0]]
+
+
+CASES = [
+    ("chelsea", "", {"max_new_tokens": 9}),
+    ("coffee", "Question: what is it? Answer:", {"max_new_tokens": 5}),
+    ("astronaut", "a photo of", {"max_new_tokens": 12, "repetition_penalty": 1.5}),
+    ("china", "", {"max_new_tokens": 7, "min_new_tokens": 7}),
+    ("chelsea", "a", {"max_new_tokens": 6, "do_sample": True, "seed": 3, "top_p": 0.9}),
+    ("coffee", "", {"max_new_tokens": 8, "do_sample": True, "seed": 5, "num_return_sequences": 3}),
+]
+
+
+def test_staggered_requests_match_running_alone(pipe, prefixes, photos):
+    batch = new_batch(pipe)
+    requests = [request(pipe, prefixes, image, prompt, **gen) for image, prompt, gen in CASES]
+    rows = run(batch, {0: requests[:2], 2: requests[2:4], 3: [requests[4]], 6: [requests[5]]})
+    assert max(rows) > 2 and rows[-1] < max(rows)  # requests overlapped, and left early
+    for req, (image, prompt, gen) in zip(requests, CASES, strict=True):
+        assert req.done
+        assert req.new_ids == alone(pipe, photos, image, prompt, **gen), (image, prompt, gen)
+
+
+def test_requests_leave_when_done_and_the_cache_shrinks(pipe, prefixes):
+    batch = new_batch(pipe)
+    long = request(
+        pipe, prefixes, "chelsea", "a much longer prompt than the other one", max_new_tokens=14
+    )
+    short = request(pipe, prefixes, "coffee", "", max_new_tokens=2)
+    batch.add([short])
+    batch.step()
+    batch.add([long])  # joins a running row; the short row is left-padded... or it is
+    slots_joined = batch.length
+    while short in batch.requests:
+        batch.step()
+    assert batch.requests == [long] and batch.num_rows == 1
+    assert batch.length < slots_joined + 3  # the departed row's padding is forgotten
+    assert batch.key_mask[:, : batch.length].all()  # a lone row carries no padding
+    run(batch, {})
+    assert len(batch) == 0 and batch.cache is None
+
+
+def test_cancelled_requests_leave_and_others_are_unaffected(pipe, prefixes, photos):
+    batch = new_batch(pipe)
+    keep = request(pipe, prefixes, "astronaut", "", max_new_tokens=10)
+    drop = request(pipe, prefixes, "china", "", max_new_tokens=10)
+    batch.add([keep, drop])
+    batch.step()
+    drop.cancelled = True
+    events = batch.step()
+    assert {e.request for e in events} == {keep}
+    run(batch, {})
+    assert len(drop.new_ids[0]) == 1 and not drop.done
+    assert keep.new_ids == alone(pipe, photos, "astronaut", "", max_new_tokens=10)
+
+
+def test_beam_search_and_overlong_prompts_are_refused(pipe, prefixes):
+    batch = new_batch(pipe)
+    with pytest.raises(blipserve.InvalidRequest, match="greedy and sampling"):
+        batch.add([request(pipe, prefixes, "chelsea", "", num_beams=3)])
+    limit = pipe.model.config.text.max_position_embeddings
+    with pytest.raises(blipserve.InvalidRequest, match="positions"):
+        batch.add([request(pipe, prefixes, "chelsea", "", max_new_tokens=limit)])
+    assert len(batch) == 0
+
+
+def test_eos_ends_a_sample(pipe, prefixes, photos):
+    """A sample stops at its eos, as alone; the batch goes on without it."""
+    (ends_alone,) = alone(pipe, photos, "china", "", max_new_tokens=10)
+    (other_alone,) = alone(pipe, photos, "coffee", "", max_new_tokens=10)
+    eos = next(t for t in ends_alone if t not in other_alone)  # a token only "china" makes
+    batch = ContinuousBatch(
+        pipe.model.language_model,
+        eos_token_ids=[eos],
+        pad_token_id=pipe.defaults.pad_token_id,
+        image_token_id=pipe.defaults.image_token_id,
+    )
+    ends = request(pipe, prefixes, "china", "", max_new_tokens=10)
+    other = request(pipe, prefixes, "coffee", "", max_new_tokens=10)
+    run(batch, {0: [ends, other]})
+    assert ends.new_ids == [ends_alone[: ends_alone.index(eos) + 1]]
+    assert ends.finished == ["stop"] and other.finished == ["length"]
+    assert other.new_ids == [other_alone]
