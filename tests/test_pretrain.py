@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from blipserve.model.opt import OPTConfig
@@ -12,34 +13,55 @@ from blipserve.train.bpe import write_bpe_tokenizer
 from blipserve.train.demo import _text_pairs
 from blipserve.train.pretrain import (
     PretrainSettings,
-    cell_word_ids,
+    cell_token_ids,
     pretrain_language_model,
     pretrain_vision,
 )
-from blipserve.train.synthetic import cell_labels, corpus, render, scenes
+from blipserve.train.synthetic import (
+    CELL_TOKENS,
+    NUM_CELL_CLASSES,
+    cell_labels,
+    corpus,
+    render,
+    scenes,
+)
 
 
-def test_cell_word_ids_name_each_cell(tmp_path):
-    tokenizer = Tokenizer.from_pretrained(
-        write_bpe_tokenizer(corpus(300, 1), tmp_path, vocab_size=400)
+def scene_tokenizer(directory) -> Tokenizer:
+    return Tokenizer.from_pretrained(
+        write_bpe_tokenizer(
+            corpus(300, 1), directory, vocab_size=400, extra_special_tokens=CELL_TOKENS
+        )
     )
+
+
+def test_cell_tokens_name_each_cell(tmp_path):
+    tokenizer = scene_tokenizer(tmp_path)
     scene = scenes(1, seed=4)[0]
-    cells = cell_word_ids(tokenizer, scene)
-    assert len(cells) == 9
+    ids = cell_token_ids(tokenizer, scene)
+    assert len(ids) == 9 and len(set(CELL_TOKENS)) == NUM_CELL_CLASSES
+    names = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     for obj in scene.objects:
-        words = tokenizer.decode(cells[obj.row * 3 + obj.col]).split()
-        assert words == [obj.size, obj.color, obj.shape]
-    empty = [
-        c for i, c in enumerate(cells) if not any(i == o.row * 3 + o.col for o in scene.objects)
+        assert names[obj.row * 3 + obj.col] == f"<cell:{obj.size}-{obj.color}-{obj.shape}>"
+    occupied = {o.row * 3 + o.col for o in scene.objects}
+    assert all(names[i] == "<cell:empty>" for i in range(9) if i not in occupied)
+    # special: never part of decoded text, and matched whole when they appear in text
+    assert tokenizer.decode(ids) == ""
+    assert tokenizer.encode("<cell:empty>") == [
+        tokenizer.bos_token_id,
+        ids[names.index("<cell:empty>")],
     ]
-    assert all(c == [tokenizer.pad_token_id] * 3 for c in empty)
+
+
+def test_tokenizer_without_cell_tokens_is_refused(tmp_path):
+    plain = Tokenizer.from_pretrained(write_bpe_tokenizer(corpus(50, 1), tmp_path, vocab_size=300))
+    with pytest.raises(ValueError, match="cell tokens"):
+        cell_token_ids(plain, scenes(1, seed=4)[0])
 
 
 def test_language_model_pretraining_lowers_the_target_loss(tmp_path):
     torch.set_num_threads(1)
-    tokenizer = Tokenizer.from_pretrained(
-        write_bpe_tokenizer(corpus(300, 1), tmp_path, vocab_size=400)
-    )
+    tokenizer = scene_tokenizer(tmp_path)
     config = OPTConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,

@@ -155,6 +155,10 @@ class Tokenizer:
         ids = (self._backend.token_to_id(token) for token in self._special_tokens.values())
         return list(dict.fromkeys(i for i in ids if i is not None))
 
+    def token_to_id(self, token: str) -> int | None:
+        """Id of one vocabulary entry or added token (``"<image>"``), or None."""
+        return self._backend.token_to_id(token)
+
     def _role_id(self, role: str) -> int | None:
         token = self._special_tokens.get(role)
         return None if token is None else self._backend.token_to_id(token)

@@ -6,7 +6,7 @@ The layout mirrors ``Salesforce/blip2-opt-2.7b``'s tokenizer files, so both
 
     vocab.json               <s>=0 <pad>=1 </s>=2 <unk>=3, then byte-level BPE tokens
     merges.txt               "#version: 0.2" header, one merge per line
-    added_tokens.json        {"<image>": len(vocab)}
+    added_tokens.json        {"<image>": len(vocab)}, then any extra special tokens
     special_tokens_map.json  bos = eos = unk = "</s>", pad = "<pad>"
     tokenizer_config.json    GPT2Tokenizer, add_bos_token, added_tokens_decoder
     tokenizer.json           optional: the same tokenizer for the Rust library
@@ -17,7 +17,7 @@ As in OPT, ``<s>`` and ``<unk>`` are vocabulary entries but not special tokens.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -33,11 +33,13 @@ def write_bpe_tokenizer(
     vocab_size: int,
     with_tokenizer_json: bool = True,
     legacy_config: bool = False,
+    extra_special_tokens: Sequence[str] = (),
 ) -> Path:
     """Train a byte-level BPE of ``vocab_size`` on ``texts`` and write it into ``directory``.
 
     ``legacy_config`` leaves ``added_tokens_decoder`` out of ``tokenizer_config.json``, as
-    checkpoints saved before transformers 4.34 do.
+    checkpoints saved before transformers 4.34 do. ``extra_special_tokens`` get the ids
+    after ``<image>``, are matched whole in text and skipped when decoding.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -46,17 +48,19 @@ def write_bpe_tokenizer(
     assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
     merges = json.loads(trained.to_str())["model"]["merges"]
     image_id = len(vocab)
+    added = {IMAGE_TOKEN: image_id}
+    added.update({token: image_id + 1 + i for i, token in enumerate(extra_special_tokens)})
 
     _write_json(directory / "vocab.json", dict(sorted(vocab.items(), key=lambda kv: kv[1])))
     merge_lines = (" ".join(m) if isinstance(m, list) else m for m in merges)
     (directory / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(merge_lines) + "\n", encoding="utf-8"
     )
-    _write_json(directory / "added_tokens.json", {IMAGE_TOKEN: image_id})
+    _write_json(directory / "added_tokens.json", added)
     _write_json(directory / "special_tokens_map.json", _special_tokens_map())
-    _write_json(directory / "tokenizer_config.json", _tokenizer_config(image_id, legacy_config))
+    _write_json(directory / "tokenizer_config.json", _tokenizer_config(added, legacy_config))
     if with_tokenizer_json:
-        _fast_tokenizer(vocab, merges, image_id).save(str(directory / "tokenizer.json"))
+        _fast_tokenizer(vocab, merges, added).save(str(directory / "tokenizer.json"))
     return directory
 
 
@@ -93,7 +97,7 @@ def _special_tokens_map() -> dict[str, object]:
     }
 
 
-def _tokenizer_config(image_id: int, legacy: bool) -> dict[str, object]:
+def _tokenizer_config(added: dict[str, int], legacy: bool) -> dict[str, object]:
     config: dict[str, object] = {
         "add_bos_token": True,
         "add_prefix_space": False,
@@ -111,12 +115,15 @@ def _tokenizer_config(image_id: int, legacy: bool) -> dict[str, object]:
         config["added_tokens_decoder"] = {
             "1": {**_token_entry("<pad>", normalized=True), "special": True},
             "2": {**_token_entry("</s>", normalized=True), "special": True},
-            str(image_id): {**_token_entry(IMAGE_TOKEN, normalized=False), "special": True},
+            **{
+                str(index): {**_token_entry(token, normalized=False), "special": True}
+                for token, index in added.items()
+            },
         }
     return dict(sorted(config.items()))
 
 
-def _fast_tokenizer(vocab: dict[str, int], merges: list, image_id: int) -> Tokenizer:
+def _fast_tokenizer(vocab: dict[str, int], merges: list, added: dict[str, int]) -> Tokenizer:
     pairs = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -128,10 +135,10 @@ def _fast_tokenizer(vocab: dict[str, int], merges: list, image_id: int) -> Token
         [
             AddedToken("<pad>", normalized=True),
             AddedToken("</s>", normalized=True),
-            AddedToken(IMAGE_TOKEN, normalized=False),
+            *(AddedToken(token, normalized=False, special=True) for token in added),
         ]
     )
-    assert tokenizer.token_to_id(IMAGE_TOKEN) == image_id
+    assert all(tokenizer.token_to_id(token) == index for token, index in added.items())
     return tokenizer
 
 

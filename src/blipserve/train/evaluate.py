@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from blipserve.api import Pipeline
-from blipserve.train.synthetic import caption, questions, render, scenes, vqa_prompt
+from blipserve.engine.generate import generate
+from blipserve.engine.params import GenerationParams
+from blipserve.model.opt import OPTForCausalLM
+from blipserve.processing.tokenizer import Tokenizer
+from blipserve.train.pretrain import cell_token_ids
+from blipserve.train.synthetic import Scene, caption, questions, render, scenes, vqa_prompt
 
 EVAL_SEED = 1000  # held out: the demo recipe trains on seeds 1, 2 and 3 only
 
@@ -47,22 +55,62 @@ def evaluate_synthetic(
     pipe: Pipeline, count: int = 500, seed: int = EVAL_SEED, batch_size: int = 32
 ) -> EvalReport:
     """Caption every scene and ask each of its questions; greedy decoding."""
-    rng = random.Random(seed)
     held_out = scenes(count, seed)
     images = [render(scene) for scene in held_out]
+
+    def complete(indices: list[int], prompts: list[str], max_new_tokens: int) -> list[str]:
+        rows = pipe.generate([images[i] for i in indices], prompts, max_new_tokens=max_new_tokens)
+        return [row[0].text for row in rows]
+
+    return _exact_match(held_out, seed, complete, batch_size)
+
+
+@torch.no_grad()
+def evaluate_language_model(
+    lm: OPTForCausalLM,
+    tokenizer: Tokenizer,
+    count: int = 500,
+    seed: int = EVAL_SEED,
+    batch_size: int = 64,
+) -> EvalReport:
+    """The demo recipe's decoder alone, reading each scene's true cell tokens where the
+    query outputs will go: the best stage 2 can do with this frozen decoder."""
+    held_out = scenes(count, seed)
+    eos = lm.config.eos_token_id
+
+    def complete(indices: list[int], prompts: list[str], max_new_tokens: int) -> list[str]:
+        cells = torch.tensor([cell_token_ids(tokenizer, held_out[i]) for i in indices])
+        rows = generate(
+            lm,
+            lm.embed_tokens(cells),  # (B, 9, D)
+            tokenizer.encode_batch(prompts),
+            GenerationParams(max_new_tokens=max_new_tokens),
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos),
+            pad_token_id=tokenizer.pad_token_id,
+            image_token_id=None,
+        )
+        return tokenizer.decode_batch([row[0].token_ids for row in rows])
+
+    return _exact_match(held_out, seed, complete, batch_size)
+
+
+Complete = Callable[[list[int], list[str], int], list[str]]  # scene indices, prompts, limit
+
+
+def _exact_match(held_out: list[Scene], seed: int, complete: Complete, batch: int) -> EvalReport:
+    rng = random.Random(seed)
+    count = len(held_out)
     captions = [caption(scene) for scene in held_out]
     got_captions: list[str] = []
-    for start in range(0, count, batch_size):
-        got_captions += pipe.caption(images[start : start + batch_size], max_new_tokens=40)
+    for start in range(0, count, batch):
+        indices = list(range(start, min(start + batch, count)))
+        got_captions += complete(indices, [""] * len(indices), 40)
 
     asked = [(i, q, a) for i, s in enumerate(held_out) for q, a in questions(s, rng)]
     answers: list[str] = []
-    for start in range(0, len(asked), batch_size):
-        chunk = asked[start : start + batch_size]
-        rows = pipe.generate(
-            [images[i] for i, _, _ in chunk], [vqa_prompt(q) for _, q, _ in chunk], max_new_tokens=8
-        )
-        answers += [row[0].text for row in rows]
+    for start in range(0, len(asked), batch):
+        chunk = asked[start : start + batch]
+        answers += complete([i for i, _, _ in chunk], [vqa_prompt(q) for _, q, _ in chunk], 8)
 
     right, total = Counter(), Counter()
     for (_, question, answer), got in zip(asked, answers, strict=True):

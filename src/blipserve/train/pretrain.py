@@ -6,11 +6,10 @@ stay frozen. The demo model has no such parts to download, so it makes its own:
 - :func:`pretrain_vision` trains a small ViT to name what sits in each cell of the
   synthetic scenes' 3x3 grid (shape, colour and size, or empty), from pixels alone;
 - :func:`pretrain_language_model` trains a small OPT decoder as a text model of the
-  synthetic captions and answers. Each text follows a prefix of 9 embeddings, as it will
-  follow the 9 query outputs in BLIP-2: one per grid cell, the mean embedding of the
-  words naming what is there ("small", "red", "circle") or of ``<pad>`` where the cell is
-  empty. The decoder so learns to read a prefix; stage 2 then teaches the Q-Former to
-  write one from the image.
+  synthetic captions and answers. Each text follows the scene written as 9 cell tokens
+  (``<cell:small-red-circle>``, ``<cell:empty>``, ...), where it will follow the 9 query
+  outputs in BLIP-2. The decoder so learns to read a prefix (a scene language of its own,
+  as a real LM reads real text); stage 2 then teaches the Q-Former to write it from pixels.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from blipserve.model.vision import VisionConfig, VisionTransformer
 from blipserve.processing.tokenizer import Tokenizer
 from blipserve.train.data import IGNORE_INDEX, encode_example
 from blipserve.train.stage2 import warmup_cosine
-from blipserve.train.synthetic import GRID, NUM_CELL_CLASSES, Scene
+from blipserve.train.synthetic import GRID, NUM_CELL_CLASSES, Scene, cell_tokens
 
 
 @dataclass(frozen=True)
@@ -101,14 +100,12 @@ def pretrain_vision(
 # -- language model ----------------------------------------------------------------------------
 
 
-def cell_word_ids(tokenizer: Tokenizer, scene: Scene) -> list[list[int]]:
-    """Per grid cell (row-major), the ids of " size", " colour", " shape", or 3 x ``<pad>``."""
-    pad = tokenizer.pad_token_id
-    cells = [[pad, pad, pad] for _ in range(GRID * GRID)]
-    for obj in scene.objects:
-        words = (obj.size, obj.color, obj.shape)
-        cells[obj.row * GRID + obj.col] = [tokenizer.encode(" " + w)[1] for w in words]
-    return cells
+def cell_token_ids(tokenizer: Tokenizer, scene: Scene) -> list[int]:
+    """The scene's 9 cell tokens (:func:`blipserve.train.synthetic.cell_tokens`) as ids."""
+    ids = [tokenizer.token_to_id(token) for token in cell_tokens(scene)]
+    if None in ids:
+        raise ValueError("the tokenizer lacks the cell tokens (write_bpe_tokenizer's extras)")
+    return ids
 
 
 def pretrain_language_model(
@@ -117,21 +114,24 @@ def pretrain_language_model(
     texts: Sequence[tuple[Scene, str, str]],
     settings: PretrainSettings,
 ) -> tuple[OPTForCausalLM, float]:
-    """Train on (scene, prompt, target) triples, read after the scene's cell prefix.
+    """Train on (scene, prompt, target) triples, each read after the scene's 9 cell tokens.
 
-    Tokens and labels are built exactly as stage 2 builds them
-    (:func:`blipserve.train.data.encode_example`): the loss covers the target and its
-    eos only, so the decoder learns what follows a prompt (a caption after a bare BOS, an
-    answer after a question) rather than the questions themselves. -> model, final loss."""
+    Rows are ``[9 cell tokens | BOS prompt target eos]``: the cell tokens stand exactly
+    where stage 2 puts the 9 query outputs (positions 0-8, BOS at 9), and the prompt and
+    target are tokenized as stage 2 tokenizes them
+    (:func:`blipserve.train.data.encode_example`). The loss covers the target and its eos
+    only, so the decoder learns what follows a prompt (a caption after a bare BOS, an
+    answer after a question) given the scene. -> model, final loss."""
     torch.manual_seed(settings.seed)
     model = OPTForCausalLM(config)
     _init(model)
     model.lm_head.weight = model.model.decoder.embed_tokens.weight  # tied, as OPT
     eos = config.eos_token_id
-    rows = [
-        (cell_word_ids(tokenizer, scene), encode_example(tokenizer, prompt, target, eos))
-        for scene, prompt, target in texts
-    ]
+    rows = []
+    for scene, prompt, target in texts:
+        cells = cell_token_ids(tokenizer, scene)
+        ids, labels = encode_example(tokenizer, prompt, target, eos)
+        rows.append((cells + ids, [IGNORE_INDEX] * len(cells) + labels))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -140,8 +140,7 @@ def pretrain_language_model(
     progress = tqdm(range(settings.steps), desc="language model", leave=False)
     loss_value = float("nan")
     for _ in progress:
-        batch = rng.sample(rows, settings.batch_size)
-        loss = _lm_loss(model, batch, tokenizer.pad_token_id)
+        loss = _lm_loss(model, rng.sample(rows, settings.batch_size), tokenizer.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -152,23 +151,18 @@ def pretrain_language_model(
     return model.eval(), loss_value
 
 
-def _lm_loss(model: OPTForCausalLM, batch: list, pad: int) -> torch.Tensor:
-    """[cell prefix | BOS prompt target <pad>...] rows; loss on the target tokens."""
-    cells = torch.tensor([c for c, _ in batch])  # (B, 9, 3)
-    prefix = model.embed_tokens(cells).mean(dim=2)  # (B, 9, D)
-    width = max(len(ids) for _, (ids, _) in batch)
+def _lm_loss(model: OPTForCausalLM, batch: list[tuple[list[int], list[int]]], pad: int):
+    """Right-padded (ids, labels) rows -> next-token loss on the labelled positions."""
+    width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad)
     labels = torch.full((len(batch), width), IGNORE_INDEX)
-    for i, (_, (row_ids, row_labels)) in enumerate(batch):
+    real = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, (row_ids, row_labels) in enumerate(batch):
         ids[i, : len(row_ids)] = torch.tensor(row_ids)
         labels[i, : len(row_labels)] = torch.tensor(row_labels)
-    text_real = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (_, (row_ids, _)) in enumerate(batch):
-        text_real[i, : len(row_ids)] = True
-    real = torch.cat([torch.ones(len(batch), prefix.shape[1], dtype=torch.bool), text_real], 1)
-    positions = real.long().cumsum(-1) * real - 1  # prefix at 0..8, BOS at 9, as in stage 2
-    embeds = torch.cat([prefix, model.embed_tokens(ids)], dim=1)
-    logits = model(embeds, positions, real)[:, prefix.shape[1] :]  # (B, T, V), text part
+        real[i, : len(row_ids)] = True
+    positions = real.long().cumsum(-1) * real - 1
+    logits = model(model.embed_tokens(ids), positions, real)  # (B, T, V)
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]),
         labels[:, 1:].reshape(-1),

@@ -248,6 +248,17 @@ def cell_labels(scene: Scene) -> list[int]:
 
 NUM_CELL_CLASSES = 1 + len(SHAPES) * len(COLORS) * len(SIZES)
 
+# One token per cell label, in label order: the demo language model's "scene language".
+CELL_TOKENS: tuple[str, ...] = (
+    "<cell:empty>",
+    *(f"<cell:{size}-{color}-{shape}>" for shape in SHAPES for color in COLORS for size in SIZES),
+)
+
+
+def cell_tokens(scene: Scene) -> list[str]:
+    """The scene as 9 cell tokens, row-major: ``<cell:small-red-circle>`` or ``<cell:empty>``."""
+    return [CELL_TOKENS[label] for label in cell_labels(scene)]
+
 
 def corpus(count: int, seed: int) -> list[str]:
     """Every prompt and target text of ``count`` scenes: the demo tokenizer's and language
