@@ -1,6 +1,7 @@
 """load_image: every accepted input form, EXIF orientation, and clear errors for bad inputs.
 
-Network tests talk only to an http.server on 127.0.0.1 started here.
+Network tests talk only to an http.server on 127.0.0.1 started here, so they pass a
+``UrlPolicy`` that allows private addresses; tests/test_fetch.py covers the refusals.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from blipserve.errors import InvalidImage
-from blipserve.processing.images import ImageLimits, fetch_url, load_image, load_images
+from blipserve.processing.fetch import UrlPolicy, fetch_url
+from blipserve.processing.images import ImageLimits, load_image, load_images
+
+LOCAL = UrlPolicy(allow_private=True)  # the test server listens on 127.0.0.1
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +180,7 @@ def test_every_input_form_gives_the_same_pixels(tmp_path: Path, server: str) -> 
     forms = input_forms(tmp_path, server)
     assert "\n" in forms["base64-mime"]  # MIME base64 breaks lines every 76 characters
     for name, source in forms.items():
-        image = load_image(source)
+        image = load_image(source, url_policy=LOCAL)
         assert image.mode == "RGB", name
         np.testing.assert_array_equal(np.asarray(image), PIXELS, err_msg=name)
 
@@ -316,41 +320,49 @@ def test_unsupported_url_schemes() -> None:
 
 
 def test_url_404(server: str) -> None:
-    assert_invalid(f"{server}/missing.jpg?sig=secret", "HTTP 404", "/missing.jpg")
+    assert_invalid(f"{server}/missing.jpg?sig=secret", "HTTP 404", "/missing.jpg", url_policy=LOCAL)
     with pytest.raises(InvalidImage) as info:
-        load_image(f"{server}/missing.jpg?sig=secret")
+        load_image(f"{server}/missing.jpg?sig=secret", url_policy=LOCAL)
     assert "secret" not in str(info.value)  # signed-URL tokens are not echoed
 
 
 def test_url_connection_refused() -> None:
     port = free_port()
-    assert_invalid(f"http://127.0.0.1:{port}/cat.png", f"127.0.0.1:{port}", "connection refused")
+    assert_invalid(
+        f"http://127.0.0.1:{port}/cat.png",
+        f"127.0.0.1:{port}",
+        "connection refused",
+        url_policy=LOCAL,
+    )
 
 
 def test_url_over_byte_cap(server: str) -> None:
     limits = ImageLimits(max_bytes=1000)
-    assert_invalid(f"{server}/big", "5000 bytes, over the", limits=limits)
-    assert_invalid(f"{server}/big-unannounced", "over the", limits=limits)
+    assert_invalid(f"{server}/big", "5000 bytes, over the", limits=limits, url_policy=LOCAL)
+    assert_invalid(f"{server}/big-unannounced", "over the", limits=limits, url_policy=LOCAL)
 
 
 def test_url_too_many_redirects(server: str) -> None:
-    assert load_image(f"{server}/hop/2").size == (128, 96)  # 3 redirects: allowed
-    assert_invalid(f"{server}/hop/3", "too many redirects", "more than 3")
-    assert_invalid(f"{server}/hop/1", "too many redirects", limits=ImageLimits(max_redirects=1))
+    assert load_image(f"{server}/hop/2", url_policy=LOCAL).size == (128, 96)  # 3 redirects: allowed
+    assert_invalid(f"{server}/hop/3", "too many redirects", "more than 3", url_policy=LOCAL)
+    one = ImageLimits(max_redirects=1)
+    assert_invalid(f"{server}/hop/1", "too many redirects", limits=one, url_policy=LOCAL)
 
 
 def test_url_redirect_to_other_scheme_refused(server: str) -> None:
-    assert_invalid(f"{server}/to-file", "redirect refused", "'file'")
+    assert_invalid(f"{server}/to-file", "redirect refused", "'file'", url_policy=LOCAL)
 
 
 def test_url_read_timeout(server: str) -> None:
-    assert_invalid(f"{server}/slow", "timed out", limits=ImageLimits(timeout_s=0.2))
+    limits = ImageLimits(timeout_s=0.2)
+    assert_invalid(f"{server}/slow", "timed out", limits=limits, url_policy=LOCAL)
 
 
 def test_url_total_time_limit(server: str) -> None:
     # Each read arrives well within timeout_s; only the overall deadline stops the download.
     start = time.monotonic()
-    assert_invalid(f"{server}/trickle", "took over 0.3 s", limits=ImageLimits(total_timeout_s=0.3))
+    limits = ImageLimits(total_timeout_s=0.3)
+    assert_invalid(f"{server}/trickle", "took over 0.3 s", limits=limits, url_policy=LOCAL)
     assert time.monotonic() - start < 1.5
 
 
@@ -359,7 +371,7 @@ def test_url_invalid_port() -> None:
 
 
 def test_fetch_url_returns_bytes(server: str) -> None:
-    assert fetch_url(f"{server}/cat.png") == PNG
+    assert fetch_url(f"{server}/cat.png", policy=LOCAL) == PNG
 
 
 # --- rows -------------------------------------------------------------------------------------

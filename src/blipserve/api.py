@@ -9,7 +9,7 @@ connects them: sources -> pixels -> prefix embeddings -> engine -> text.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from blipserve.engine.generate import SequenceOutput, generate, stream
 from blipserve.engine.params import GenerationParams
 from blipserve.errors import InvalidRequest
 from blipserve.model.blip2 import Blip2Config, Blip2Model
+from blipserve.processing.fetch import UrlPolicy
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.images import ImageLimits, load_images
 from blipserve.processing.prompts import DEFAULT_VQA_TEMPLATE, chat_prompt, vqa_prompt
@@ -93,6 +94,7 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     exif_transpose: bool = True,
     image_limits: ImageLimits | None = None,
+    url_policy: UrlPolicy | None = None,
 ) -> Pipeline:
     """Load a BLIP-2 checkpoint (``demo``, a local directory or a Hub id) into a Pipeline."""
     directory = resolve_checkpoint(model)
@@ -107,6 +109,7 @@ def load(
         name=model,
         exif_transpose=exif_transpose,
         image_limits=image_limits or ImageLimits(),
+        url_policy=url_policy,
     )
 
 
@@ -128,6 +131,7 @@ class Pipeline:
         name: str = "",
         exif_transpose: bool = True,
         image_limits: ImageLimits | None = None,
+        url_policy: UrlPolicy | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -136,6 +140,7 @@ class Pipeline:
         self.name = name
         self.exif_transpose = exif_transpose
         self.image_limits = image_limits or ImageLimits()
+        self.url_policy = url_policy  # None: image URLs are fetched from public addresses only
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +152,10 @@ class Pipeline:
         """Any image sources -> decoded PIL images, with this pipeline's limits and EXIF
         setting; a bad one raises :class:`InvalidImage` naming its row."""
         return load_images(
-            _as_list(images), limits=self.image_limits, exif_transpose=self.exif_transpose
+            _as_list(images),
+            limits=self.image_limits,
+            exif_transpose=self.exif_transpose,
+            url_policy=self.url_policy,
         )
 
     def preprocess(self, images: Any) -> torch.Tensor:
@@ -219,19 +227,20 @@ class Pipeline:
 
     def _engine_options(self, params: GenerationParams) -> dict[str, Any]:
         """The checkpoint's token ids, and a stop-string check when stop strings are set."""
-        stop_checker = None
-        if params.stop:
-
-            def stop_checker(row: int, new_ids: list[int]) -> bool:
-                text = self.tokenizer.decode(new_ids)
-                return any(s in text for s in params.stop)
-
+        stop = self.stop_check(params.stop)
+        stop_checker = None if stop is None else (lambda _row, new_ids: stop(new_ids))
         return {
             "eos_token_ids": list(self.defaults.eos_token_ids),
             "pad_token_id": self.defaults.pad_token_id,
             "image_token_id": self.defaults.image_token_id,
             "stop_checker": stop_checker,
         }
+
+    def stop_check(self, stops: Sequence[str]) -> Callable[[list[int]], bool] | None:
+        """new token ids -> has one of ``stops`` appeared in their text? (None: no stops)"""
+        if not stops:
+            return None
+        return lambda new_ids: any(s in self.tokenizer.decode(new_ids) for s in stops)
 
     def _to_generation(self, seq: SequenceOutput, params: GenerationParams) -> Generation:
         text = truncate_at_stop(self.tokenizer.decode(seq.token_ids), params.stop)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from blipserve.errors import BlipserveError
+from blipserve.server.main import add_serve_parser, run_serve
 
 if TYPE_CHECKING:
     from blipserve.train.data import TrainExample
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_common_flags(sub)
     add_train_parser(commands)
     add_evaluate_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 
@@ -176,6 +178,11 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
     parser.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch image URLs on loopback, private and link-local addresses (refused by default)",
+    )
     gen = parser.add_argument_group("generation")
     for name, kind, text in GENERATION_FLAGS:
         gen.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
@@ -250,13 +257,18 @@ def run_chat(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "evaluate"):
-            (run_train if args.command == "train" else run_evaluate)(args)
+        if args.command in ("train", "evaluate", "serve"):
+            {"train": run_train, "evaluate": run_evaluate, "serve": run_serve}[args.command](args)
             return 0
         import blipserve
+        from blipserve.processing.fetch import UrlPolicy
 
         pipe = blipserve.load(
-            args.model, device=args.device, dtype=args.dtype, exif_transpose=not args.no_exif
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            exif_transpose=not args.no_exif,
+            url_policy=UrlPolicy(allow_private=args.allow_private_urls),
         )
         gen = generation_options(args)
         pipe.params(**gen)  # refuse bad options before any work

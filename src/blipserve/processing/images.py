@@ -3,6 +3,8 @@
 Every failure raises :class:`~blipserve.errors.InvalidImage` with a message the user can act on
 and, in a batch, the row of the offending input. Size limits are checked before pixel data is
 decoded, so a small file that claims huge dimensions (a decompression bomb) costs nothing.
+URLs are downloaded by :mod:`blipserve.processing.fetch`, which refuses private addresses
+unless a ``UrlPolicy`` allows them.
 
 The image is returned in its own mode (``L``, ``RGBA``, ``P``, ``CMYK``...): converting to RGB is
 the image processor's job, done exactly as the reference does it.
@@ -12,25 +14,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
 import os
 import re
-import socket
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.message import Message
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blipserve.errors import InvalidImage
+
+if TYPE_CHECKING:
+    from blipserve.processing.fetch import UrlPolicy
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size: file, download or decoded base64
 MAX_IMAGE_PIXELS = 40_000_000  # width * height, checked before decoding
@@ -46,8 +44,6 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{1,4}$")
 # First bytes of the SUPPORTED_FORMATS: JPEG, PNG, GIF, BMP, TIFF (both byte orders), WEBP.
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\0", b"MM\0*", b"RIFF")
-_CHUNK_BYTES = 64 * 1024
-_USER_AGENT = "blipserve"
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,7 @@ def load_image(
     row: int | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
     exif_transpose: bool = True,
+    url_policy: UrlPolicy | None = None,
 ) -> Image.Image:
     """Decode one image input into a fully loaded PIL image in its own mode.
 
@@ -77,9 +74,10 @@ def load_image(
     a path (str or os.PathLike), raw encoded bytes, a base64 string (plain, MIME with line
     breaks, or a ``data:image/...;base64,`` URL) or an http(s) URL. EXIF orientation is applied
     unless ``exif_transpose`` is False (the reference model code does not apply it).
+    ``url_policy`` says which addresses a URL may be fetched from (None: public ones only).
     """
     try:
-        image = _to_image(source, limits)
+        image = _to_image(source, limits, url_policy)
     except InvalidImage as err:
         raise InvalidImage(err.reason, row=row) from err.__cause__
     return _apply_exif_orientation(image) if exif_transpose else image
@@ -90,15 +88,18 @@ def load_images(
     *,
     limits: ImageLimits = DEFAULT_LIMITS,
     exif_transpose: bool = True,
+    url_policy: UrlPolicy | None = None,
 ) -> list[Image.Image]:
     """Decode a batch of image inputs; an error names the index of the bad input as ``row``."""
     return [
-        load_image(source, row=row, limits=limits, exif_transpose=exif_transpose)
+        load_image(
+            source, row=row, limits=limits, exif_transpose=exif_transpose, url_policy=url_policy
+        )
         for row, source in enumerate(sources)
     ]
 
 
-def _to_image(source: Any, limits: ImageLimits) -> Image.Image:
+def _to_image(source: Any, limits: ImageLimits, url_policy: UrlPolicy | None) -> Image.Image:
     """Dispatch on the input's type. Raises InvalidImage without a row."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, limits)
@@ -108,7 +109,7 @@ def _to_image(source: Any, limits: ImageLimits) -> Image.Image:
     if isinstance(source, bytes | bytearray | memoryview):
         return decode_image_bytes(bytes(source), limits)
     if isinstance(source, str):
-        return _from_string(source, limits)
+        return _from_string(source, limits, url_policy)
     if isinstance(source, os.PathLike):
         return decode_image_bytes(_read_file(source, limits), limits)
     raise InvalidImage(
@@ -120,12 +121,15 @@ def _to_image(source: Any, limits: ImageLimits) -> Image.Image:
 # --- strings: URL, data URL, path or base64 ---------------------------------------------------
 
 
-def _from_string(text: str, limits: ImageLimits) -> Image.Image:
+def _from_string(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -> Image.Image:
     stripped = text.strip()
     if not stripped:
         raise InvalidImage("empty string; expected a file path, http(s) URL or base64 image")
     if _URL_SCHEME.match(stripped):  # fetch_url refuses schemes other than http(s)
-        return decode_image_bytes(fetch_url(stripped, limits), limits)
+        from blipserve.processing import fetch  # imported here: fetch imports ImageLimits from us
+
+        policy = url_policy or fetch.DEFAULT_URL_POLICY
+        return decode_image_bytes(fetch.fetch_url(stripped, limits, policy), limits)
     if stripped[:5].lower() == "data:":
         return decode_image_bytes(_decode_data_url(stripped, limits), limits)
     if _exists(text):
@@ -315,131 +319,6 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except Exception:  # a corrupt EXIF block should not cost the user their caption
         return image
-
-
-# --- URLs -------------------------------------------------------------------------------------
-
-
-def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
-    """Download an http(s) URL with a timeout, a redirect cap and a byte cap.
-
-    Every URL requested, the first and each redirect target, passes through ``_check_url``:
-    the single place to add an address policy (e.g. refusing private addresses).
-    """
-    _check_url(url)
-    opener = urllib.request.build_opener(_RedirectPolicy(limits.max_redirects))
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-    where = _describe_url(url)
-    try:
-        with opener.open(request, timeout=limits.timeout_s) as response:
-            return _read_capped(response, where, limits)
-    except urllib.error.HTTPError as err:
-        err.close()
-        raise InvalidImage(f"fetching {where} failed: HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        raise InvalidImage(_connection_message(err.reason, url)) from None
-    except TimeoutError:
-        raise InvalidImage(f"timed out after {limits.timeout_s:g} s fetching {where}") from None
-    except (OSError, ValueError, http.client.HTTPException) as err:  # resets, bad responses
-        raise InvalidImage(f"fetching {where} failed: {err}") from None
-
-
-def _check_url(url: str) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidImage(
-            f"unsupported URL scheme {parts.scheme!r}; only http:// and https:// are fetched"
-        )
-    if not parts.hostname:
-        raise InvalidImage(f"URL has no host: {_preview(url)}")
-    try:
-        parts.port  # noqa: B018 (parsing the port is the check)
-    except ValueError:
-        raise InvalidImage(f"URL has an invalid port: {_preview(url)}") from None
-
-
-class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
-    """Follow at most ``max_redirects`` redirects, each checked like the first URL.
-
-    One instance serves one fetch, so it can count.
-    """
-
-    def __init__(self, max_redirects: int) -> None:
-        super().__init__()
-        self.max_redirects = max_redirects
-        self.followed = 0
-
-    def http_error_302(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: Message,
-    ) -> Any:
-        location = headers.get("Location") or headers.get("URI")
-        if location:  # without one, urllib reports the 3xx response as an HTTP error
-            try:
-                self._check(req.full_url, urllib.parse.urljoin(req.full_url, location))
-            except InvalidImage:
-                fp.close()
-                raise
-        return super().http_error_302(req, fp, code, msg, headers)
-
-    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
-
-    def _check(self, url: str, target: str) -> None:
-        self.followed += 1
-        if self.followed > self.max_redirects:
-            raise InvalidImage(
-                f"too many redirects fetching {_describe_url(url)} (more than {self.max_redirects})"
-            )
-        try:
-            _check_url(target)
-        except InvalidImage as err:
-            raise InvalidImage(f"redirect refused: {err.reason}") from None
-
-
-def _read_capped(response: Any, where: str, limits: ImageLimits) -> bytes:
-    """Read the body in chunks, stopping as soon as it exceeds the byte or time limit."""
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-        raise InvalidImage(
-            f"{where} is {int(declared)} bytes, over the {_mb(limits.max_bytes)} limit"
-        )
-    deadline = time.monotonic() + limits.total_timeout_s
-    body = bytearray()
-    while chunk := response.read1(_CHUNK_BYTES):  # read1: whatever arrived, so we see the clock
-        body += chunk
-        if len(body) > limits.max_bytes:
-            raise InvalidImage(f"{where} is over the {_mb(limits.max_bytes)} limit")
-        if time.monotonic() > deadline:
-            raise InvalidImage(
-                f"download of {where} took over {limits.total_timeout_s:g} s; gave up"
-            )
-    return bytes(body)
-
-
-def _connection_message(reason: Any, url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or "?"
-    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    if isinstance(reason, ConnectionRefusedError):
-        return f"cannot connect to {host}:{port}: connection refused"
-    if isinstance(reason, socket.gaierror):
-        return f"cannot resolve host {host!r}"
-    if isinstance(reason, TimeoutError):
-        return f"timed out connecting to {host}:{port}"
-    detail = getattr(reason, "strerror", None) or str(reason)
-    return f"cannot fetch from {host}:{port}: {detail}"
-
-
-def _describe_url(url: str) -> str:
-    """scheme://host[:port]/path, without credentials or query string (signed URLs hold secrets)."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    text = f"{parts.scheme}://{netloc}{parts.path}"
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # --- message helpers --------------------------------------------------------------------------
