@@ -1,0 +1,1 @@
+"""The HTTP server: Azure ML, MLflow and OpenAI contracts over one scheduler."""

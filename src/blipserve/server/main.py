@@ -1,0 +1,43 @@
+"""``blipserve serve``: settings from flags and the environment, then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from blipserve.errors import InvalidRequest
+from blipserve.server.settings import add_arguments, settings_from
+
+GRACEFUL_SHUTDOWN_SECONDS = 100  # in-flight requests get their full 90 s timeout
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP server: Azure ML /score, MLflow /invocations, OpenAI /v1/chat/completions",
+        description="Every flag can also be set as BLIPSERVE_<FLAG> (e.g. BLIPSERVE_API_KEY).",
+    )
+    add_arguments(serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from blipserve.server.app import create_app, settings_summary
+
+    try:
+        settings = settings_from(args)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("blipserve").info("settings %s", json.dumps(settings_summary(settings)))
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # blipserve.access logs one JSON line per request instead
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
