@@ -32,7 +32,12 @@ def run_serve(args: argparse.Namespace) -> None:
         raise InvalidRequest(str(err)) from None
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("blipserve").info("settings %s", json.dumps(settings_summary(settings)))
+    log = logging.getLogger("blipserve")
+    log.info("settings %s", json.dumps(settings_summary(settings)))
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can use it", settings.host
+        )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
