@@ -390,3 +390,23 @@ def test_load_images_names_the_bad_index() -> None:
         load_images([good, PNG, "not an image!", PIXELS])
     assert info.value.row == 2
     assert str(info.value).startswith("row 2: not a file path")
+
+
+def test_paths_can_be_refused_for_client_strings(tmp_path):
+    """A server passes allow_paths=False: a client's string must never read a local file."""
+    path = tmp_path / "local.png"
+    Image.new("RGB", (8, 8), "red").save(path)
+    assert load_image(str(path)).size == (8, 8)  # the CLI and Python API read paths
+    with pytest.raises(InvalidImage, match="file paths are not read here"):
+        load_image(str(path), allow_paths=False)
+    with pytest.raises(InvalidImage, match="unsupported image input"):
+        load_image(path, allow_paths=False)
+    text = tmp_path / "notes.txt"
+    text.write_text("secret words")
+    with pytest.raises(InvalidImage) as err:
+        load_image(str(text), allow_paths=False)
+    assert "secret" not in str(err.value)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    assert load_image(encoded, allow_paths=False).size == (8, 8)

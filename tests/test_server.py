@@ -154,6 +154,16 @@ def test_a_bad_row_names_itself_and_spares_other_requests(server, pngs):
     assert ok.status_code == 200
 
 
+def test_server_never_reads_files_named_by_clients(server, tmp_path, pngs):
+    secret = tmp_path / "private.png"
+    secret.write_bytes(pngs["coffee"])
+    for path in (str(secret), "/etc/passwd", "file:///etc/passwd"):
+        response = httpx.post(server + "/score", json={"input_data": split([[path]])})
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["row"] == 0
+        assert "root:" not in response.text  # no file content echoed either
+
+
 def test_protocol_errors(server, pngs):
     score = server + "/score"
     assert (
@@ -281,3 +291,24 @@ def test_timeout_answers_408(pipe, pngs):
         response = httpx.post(url + "/score", json=body, timeout=60)
         assert response.status_code == 408 and "--request-timeout" in response.text
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_shutdown_finishes_in_flight_requests(pipe, pngs):
+    body = {
+        "input_data": split([[mime(pngs["china"])]]),
+        "params": {"max_new_tokens": 200, "min_new_tokens": 200},
+    }
+    answers: list[httpx.Response] = []
+    with live_server(create_app(ServerSettings(model="tiny"), pipe=pipe)) as url:
+        caller = threading.Thread(
+            target=lambda: answers.append(httpx.post(url + "/score", json=body, timeout=120))
+        )
+        caller.start()
+        deadline = time.monotonic() + 30
+        while "blipserve_num_requests_running 1.0" not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.005)
+    # the server has shut down (the with block waits for it), after answering in full
+    caller.join(10)
+    assert answers and answers[0].status_code == 200
+    assert answers[0].json()[0]["text"]

@@ -19,6 +19,7 @@ MAX_BEAMS = 16
 MAX_RETURN_SEQUENCES = 16
 MAX_STOP_STRINGS = 8
 MAX_TEMPERATURE = 100.0
+MIN_SAMPLING_TEMPERATURE = 1e-5  # vLLM's epsilon; near 0, scores / t overflows to NaN probs
 MAX_REPETITION_PENALTY = 100.0
 
 
@@ -86,10 +87,10 @@ class GenerationParams:
         if not isinstance(self.do_sample, bool):
             raise InvalidRequest(f"do_sample must be true or false, got {self.do_sample!r}")
         _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
-        if self.do_sample and self.temperature == 0.0:
+        if self.do_sample and self.temperature < MIN_SAMPLING_TEMPERATURE:
             raise InvalidRequest(
-                "temperature must be > 0 when do_sample is true (for greedy decoding set "
-                "do_sample=false)"
+                f"temperature must be >= {MIN_SAMPLING_TEMPERATURE:g} when do_sample is true "
+                f"(got {self.temperature!r}; for greedy decoding set do_sample=false)"
             )
         _check_int("top_k", self.top_k, 0, 2**31 - 1)
         _check_float("top_p", self.top_p, 0.0, 1.0)

@@ -67,6 +67,7 @@ def load_image(
     limits: ImageLimits = DEFAULT_LIMITS,
     exif_transpose: bool = True,
     url_policy: UrlPolicy | None = None,
+    allow_paths: bool = True,
 ) -> Image.Image:
     """Decode one image input into a fully loaded PIL image in its own mode.
 
@@ -75,9 +76,10 @@ def load_image(
     breaks, or a ``data:image/...;base64,`` URL) or an http(s) URL. EXIF orientation is applied
     unless ``exif_transpose`` is False (the reference model code does not apply it).
     ``url_policy`` says which addresses a URL may be fetched from (None: public ones only).
+    ``allow_paths=False`` refuses file paths: what a server must do with strings from clients.
     """
     try:
-        image = _to_image(source, limits, url_policy)
+        image = _to_image(source, limits, url_policy, allow_paths)
     except InvalidImage as err:
         raise InvalidImage(err.reason, row=row) from err.__cause__
     return _apply_exif_orientation(image) if exif_transpose else image
@@ -89,17 +91,25 @@ def load_images(
     limits: ImageLimits = DEFAULT_LIMITS,
     exif_transpose: bool = True,
     url_policy: UrlPolicy | None = None,
+    allow_paths: bool = True,
 ) -> list[Image.Image]:
     """Decode a batch of image inputs; an error names the index of the bad input as ``row``."""
     return [
         load_image(
-            source, row=row, limits=limits, exif_transpose=exif_transpose, url_policy=url_policy
+            source,
+            row=row,
+            limits=limits,
+            exif_transpose=exif_transpose,
+            url_policy=url_policy,
+            allow_paths=allow_paths,
         )
         for row, source in enumerate(sources)
     ]
 
 
-def _to_image(source: Any, limits: ImageLimits, url_policy: UrlPolicy | None) -> Image.Image:
+def _to_image(
+    source: Any, limits: ImageLimits, url_policy: UrlPolicy | None, allow_paths: bool
+) -> Image.Image:
     """Dispatch on the input's type. Raises InvalidImage without a row."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, limits)
@@ -109,8 +119,10 @@ def _to_image(source: Any, limits: ImageLimits, url_policy: UrlPolicy | None) ->
     if isinstance(source, bytes | bytearray | memoryview):
         return decode_image_bytes(bytes(source), limits)
     if isinstance(source, str):
+        if not allow_paths:
+            return _from_client_string(source, limits, url_policy)
         return _from_string(source, limits, url_policy)
-    if isinstance(source, os.PathLike):
+    if isinstance(source, os.PathLike) and allow_paths:
         return decode_image_bytes(_read_file(source, limits), limits)
     raise InvalidImage(
         f"unsupported image input of type {type(source).__name__}; expected a PIL image, "
@@ -125,13 +137,8 @@ def _from_string(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -
     stripped = text.strip()
     if not stripped:
         raise InvalidImage("empty string; expected a file path, http(s) URL or base64 image")
-    if _URL_SCHEME.match(stripped):  # fetch_url refuses schemes other than http(s)
-        from blipserve.processing import fetch  # imported here: fetch imports ImageLimits from us
-
-        policy = url_policy or fetch.DEFAULT_URL_POLICY
-        return decode_image_bytes(fetch.fetch_url(stripped, limits, policy), limits)
-    if stripped[:5].lower() == "data:":
-        return decode_image_bytes(_decode_data_url(stripped, limits), limits)
+    if encoded := _url_or_data_url(stripped, limits, url_policy):
+        return decode_image_bytes(encoded, limits)
     if _exists(text):
         return decode_image_bytes(_read_file(text, limits), limits)
     data = _b64decode(stripped, limits)
@@ -143,6 +150,35 @@ def _from_string(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -
         f"not a file path, URL or base64 image (got {len(stripped)} characters: "
         f"{_preview(stripped)})"
     )
+
+
+def _from_client_string(
+    text: str, limits: ImageLimits, url_policy: UrlPolicy | None
+) -> Image.Image:
+    """A string from a remote client: an http(s) URL, a data: URL or base64, never a path."""
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidImage("empty string; expected an http(s) URL or a base64 image")
+    if encoded := _url_or_data_url(stripped, limits, url_policy):
+        return decode_image_bytes(encoded, limits)
+    data = _b64decode(stripped, limits)
+    if data is None:
+        raise InvalidImage(
+            f"not an http(s) URL, data: URL or base64 image (got {len(stripped)} characters: "
+            f"{_preview(stripped)}); file paths are not read here"
+        )
+    return decode_image_bytes(data, limits)
+
+
+def _url_or_data_url(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -> bytes | None:
+    """The encoded image behind an http(s) or data: URL; None if ``text`` is neither."""
+    if _URL_SCHEME.match(text):  # fetch_url refuses schemes other than http(s)
+        from blipserve.processing import fetch  # imported here: fetch imports ImageLimits from us
+
+        return fetch.fetch_url(text, limits, url_policy or fetch.DEFAULT_URL_POLICY)
+    if text[:5].lower() == "data:":
+        return _decode_data_url(text, limits)
+    return None
 
 
 def _decode_base64_or_path(data: bytes, text: str, limits: ImageLimits) -> Image.Image:

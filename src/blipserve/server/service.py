@@ -19,8 +19,8 @@ from typing import Any
 import anyio
 import torch
 
-from blipserve.api import Generation, IncrementalDecoder, Pipeline, truncate_at_stop
-from blipserve.engine.params import GenerationParams
+from blipserve.api import FinishReason, Generation, IncrementalDecoder, Pipeline, truncate_at_stop
+from blipserve.engine.params import MIN_SAMPLING_TEMPERATURE, GenerationParams
 from blipserve.engine.scheduler import Job, JobEvent, JobFailed, Scheduler, TokenOut
 from blipserve.errors import InvalidRequest
 from blipserve.processing.fetch import UrlPolicy
@@ -37,6 +37,15 @@ class RequestTimeout(InvalidRequest):
 class Row:
     image: Any  # base64 text, data: URL, http(s) URL or bytes
     prompt: str
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """New text of a streamed sequence; the last delta carries the finish reason."""
+
+    text: str  # may be empty on the last delta
+    tokens: int  # generated so far, the eos token included when produced
+    finish_reason: FinishReason | None = None
 
 
 class ModelService:
@@ -61,11 +70,15 @@ class ModelService:
         Options are ``GenerationParams`` fields (transformers' ``generate`` names). Unlike
         ``generate``, ``temperature``, ``top_p`` or ``top_k`` without ``do_sample`` turn
         sampling on (what an HTTP client setting a temperature means), except
-        ``temperature: 0``, which means greedy."""
+        ``temperature: 0`` (or below ``MIN_SAMPLING_TEMPERATURE``), which means greedy."""
         options = {k: v for k, v in (options or {}).items() if v is not None}
-        if options.get("temperature") == 0:
-            del options["temperature"]  # 0 = greedy (OpenAI's convention)
-            options.setdefault("do_sample", False)
+        temperature = options.get("temperature")
+        near_zero = (
+            isinstance(temperature, float | int) and 0 <= temperature < MIN_SAMPLING_TEMPERATURE
+        )
+        if near_zero and "do_sample" not in options:
+            del options["temperature"]  # 0 (or next to it) = greedy (OpenAI's convention)
+            options["do_sample"] = False
         elif "do_sample" not in options and any(k in options for k in SAMPLING_KEYS):
             options["do_sample"] = True
         return self.pipe.params(**options)
@@ -89,18 +102,20 @@ class ModelService:
             for samples in collected
         ]
 
-    async def stream(self, row: Row, params: GenerationParams) -> AsyncIterator[str]:
-        """Text deltas of one row's only sequence, as the tokens come."""
+    async def stream(self, row: Row, params: GenerationParams) -> AsyncIterator[StreamDelta]:
+        """Text deltas of one row's only sequence, as the tokens come; the last one (its
+        text possibly empty) has the finish reason."""
         deadline = time.monotonic() + self.request_timeout
         (job,), (sink,) = await self._jobs([row], params, deadline)
         decoder = IncrementalDecoder(self.pipe.tokenizer, params.stop)
+        tokens = 0
         try:
             async with asyncio.timeout(self._remaining(deadline)):
                 async for token in sink.tokens():
+                    tokens += 1
                     if delta := decoder.push(token):
-                        yield delta
-            if tail := decoder.flush():
-                yield tail
+                        yield StreamDelta(delta, tokens)
+            yield StreamDelta(decoder.flush(), tokens, sink.reasons[0] or "length")
         except TimeoutError:
             raise RequestTimeout(self._timeout_message()) from None
         finally:
@@ -144,6 +159,7 @@ class ModelService:
             limits=self.pipe.image_limits,
             exif_transpose=self.pipe.exif_transpose,
             url_policy=self.url_policy,
+            allow_paths=False,  # a client's string never names a file on this machine
         )
         pixels = self.pipe.image_processor([image])
         return hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), pixels
