@@ -21,6 +21,8 @@ from blipserve.server.service import RequestTimeout
 log = logging.getLogger("blipserve.server")
 
 RETRY_AFTER_SECONDS = 1
+HTTP_ERROR_TYPES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+INTERNAL = "internal error; the server log has the details"
 
 
 def error_response(
@@ -30,27 +32,30 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def describe(exc: Exception) -> tuple[int, dict]:
+    """-> (HTTP status, error body) for one of our errors; anything else is a logged 500."""
+    if isinstance(exc, InvalidImage):
+        status, kind = 400, "invalid_image"
+    elif isinstance(exc, RequestTimeout):
+        status, kind = 408, "timeout"
+    elif isinstance(exc, QueueFull):
+        status, kind = 429, "overloaded"
+    elif isinstance(exc, ShuttingDown):
+        status, kind = 503, "unavailable"
+    elif isinstance(exc, BlipserveError):
+        status, kind = 400, "invalid_request"
+    else:
+        log.error("unexpected error", exc_info=exc)
+        return 500, {"message": INTERNAL, "type": "internal", "row": None}
+    return status, {"message": str(exc), "type": kind, "row": getattr(exc, "row", None)}
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(InvalidImage)
-    async def invalid_image(_: Request, exc: InvalidImage) -> JSONResponse:
-        return error_response(400, str(exc), "invalid_image", exc.row)
-
-    @app.exception_handler(RequestTimeout)
-    async def timeout(_: Request, exc: RequestTimeout) -> JSONResponse:
-        return error_response(408, str(exc), "timeout")
-
-    @app.exception_handler(QueueFull)
-    async def busy(_: Request, exc: QueueFull) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-        return error_response(429, str(exc), "overloaded", headers=headers)
-
-    @app.exception_handler(ShuttingDown)
-    async def shutting_down(_: Request, exc: ShuttingDown) -> JSONResponse:
-        return error_response(503, str(exc), "unavailable")
-
     @app.exception_handler(BlipserveError)
-    async def invalid_request(_: Request, exc: BlipserveError) -> JSONResponse:
-        return error_response(400, str(exc), "invalid_request", getattr(exc, "row", None))
+    async def ours(_: Request, exc: BlipserveError) -> JSONResponse:
+        status, body = describe(exc)
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None
+        return JSONResponse({"error": body}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -58,18 +63,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        kind = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
-        return error_response(
-            exc.status_code,
-            str(exc.detail),
-            kind.get(exc.status_code, "error"),
-            headers=exc.headers,
-        )
+        kind = HTTP_ERROR_TYPES.get(exc.status_code, "error")
+        return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error; the server log has the details", "internal")
+        return error_response(500, INTERNAL, "internal")
 
 
 def validation_message(exc: RequestValidationError) -> str:

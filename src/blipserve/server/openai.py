@@ -61,10 +61,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blipserve.api import Generation
 from blipserve.engine.params import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES, MAX_STOP_STRINGS
-from blipserve.errors import BlipserveError, InvalidImage, InvalidRequest
+from blipserve.errors import InvalidImage, InvalidRequest
 from blipserve.processing.prompts import IGNORED_ROLES, chat_prompt
+from blipserve.server import errors
 from blipserve.server.app import MODEL_ROUTE, Service, json_content
-from blipserve.server.service import ModelService, RequestTimeout, Row
+from blipserve.server.service import ModelService, Row
 
 if TYPE_CHECKING:
     from blipserve.server.service import StreamDelta
@@ -443,15 +444,4 @@ def _event(data: dict) -> str:
 
 def _error_body(err: Exception) -> dict:
     """The body server/errors.py would have sent, for an error after the stream began."""
-    if isinstance(err, RequestTimeout):
-        kind = "timeout"
-    elif isinstance(err, BlipserveError):
-        kind = "invalid_request"
-    else:
-        log.error("error while streaming a chat completion", exc_info=err)
-        return {
-            "message": "internal error; the server log has the details",
-            "type": "internal",
-            "row": None,
-        }
-    return {"message": str(err), "type": kind, "row": None}
+    return errors.describe(err)[1]
