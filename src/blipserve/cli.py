@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from blipserve.batch.main import add_batch_parser, run_batch
 from blipserve.errors import BlipserveError
 from blipserve.server.main import add_serve_parser, run_serve
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_evaluate_parser(commands)
     add_serve_parser(commands)
+    add_batch_parser(commands)
     return parser
 
 
@@ -257,6 +259,8 @@ def run_chat(pipe, args: argparse.Namespace, gen: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "batch":
+            return run_batch(args)
         if args.command in ("train", "evaluate", "serve"):
             {"train": run_train, "evaluate": run_evaluate, "serve": run_serve}[args.command](args)
             return 0

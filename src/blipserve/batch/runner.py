@@ -1,0 +1,149 @@
+"""One batch run, whichever engine does the work: plan, resume, process, merge, summarise."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from blipserve.batch.job import (
+    BatchSpec,
+    ErrorBudget,
+    Plan,
+    ThresholdExceeded,
+    load_pipeline,
+    make_plan,
+    manifest,
+    resolve_params,
+)
+from blipserve.batch.progress import Progress, Result
+from blipserve.batch.sinks import write_output
+
+if TYPE_CHECKING:
+    from blipserve.batch.local import ChunkProcessor
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class Summary:
+    rows: int
+    done: int = 0  # rows processed by this run
+    failed: int = 0  # failed rows in the whole output
+    skipped: int = 0  # rows committed by an earlier run of the same command
+    seconds: float = 0.0
+    output: str | None = None
+    error: str | None = None  # why the run stopped early
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "done": self.done,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 2),
+            "output": self.output,
+            "error": self.error,
+        }
+
+
+def dry_run(spec: BatchSpec) -> tuple[Plan, Summary]:
+    """Validate the inputs and count rows; loads no model and writes nothing."""
+    spec.validate()
+    plan = make_plan(spec)
+    return plan, Summary(rows=plan.rows)
+
+
+def run(
+    spec: BatchSpec,
+    *,
+    engine: str = "local",
+    ray: RayOptions | None = None,
+    restart: bool = False,
+    progress_bar: bool = True,
+) -> Summary:
+    """Process every pending chunk, then merge the output. When more rows fail than
+    ``--error-threshold`` allows, stops (committed chunks are kept), merges nothing and
+    says why in ``Summary.error``."""
+    spec.validate()
+    plan = make_plan(spec)
+    params = resolve_params(spec)
+    progress = Progress(spec.output_dir)
+    with progress.lock():
+        progress.start(manifest(spec, plan, params), restart=restart)
+        committed = [c for c in plan.chunks if progress.is_committed(c)]
+        pending = [c for c in plan.chunks if not progress.is_committed(c)]
+        summary = Summary(rows=plan.rows, skipped=sum(c.n_rows for c in committed))
+        budget = ErrorBudget(spec.error_threshold, progress.count_errors(committed))
+        bar = _Bar(plan.rows, summary.skipped, progress_bar)
+        processor = _local_processor(spec, plan) if engine == "local" and pending else None
+        start = time.perf_counter()  # after loading the model: images/s is inference only
+        try:
+            budget.check()
+            with bar:
+                if engine == "ray":
+                    from blipserve.batch.ray_engine import run_ray
+
+                    run_ray(spec, plan, pending, budget, ray or RayOptions(), bar.advance)
+                elif processor is not None:
+                    for _ in processor.run(pending, budget, bar.advance):
+                        pass
+        except ThresholdExceeded as err:
+            summary.error = str(err)
+        summary.seconds = time.perf_counter() - start
+        summary.done, summary.failed = bar.count, budget.failed
+        if summary.error is None:
+            settings = {"model": spec.model, "params": dataclasses.asdict(params)}
+            path = write_output(spec.fmt, progress.output_dir, _merged(progress, plan), settings)
+            summary.output = str(path)
+    return summary
+
+
+def _local_processor(spec: BatchSpec, plan: Plan) -> ChunkProcessor:
+    from blipserve.batch.local import ChunkProcessor
+
+    return ChunkProcessor(load_pipeline(spec), spec, plan.names, plan.files)
+
+
+def _merged(progress: Progress, plan: Plan) -> Iterator[Result]:
+    for ref in plan.chunks:
+        yield from progress.read_part(ref)
+
+
+class _Bar:
+    """Counts rows done; shows a tqdm bar on stderr (rows, images/s, ETA) when enabled."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.initial, self.enabled = total, initial, enabled
+        self.tqdm: Any = None
+        self.count = 0
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(
+                total=self.total, initial=self.initial, unit="img", desc="batch", smoothing=0.1
+            )
+        return self
+
+    def advance(self, n: int) -> None:
+        self.count += n
+        if self.tqdm is not None:
+            self.tqdm.update(n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
