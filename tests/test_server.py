@@ -312,3 +312,33 @@ def test_shutdown_finishes_in_flight_requests(pipe, pngs):
     caller.join(10)
     assert answers and answers[0].status_code == 200
     assert answers[0].json()[0]["text"]
+
+
+def test_ready_only_once_the_model_is_loaded(pipe, pngs):
+    release = threading.Event()
+
+    def slow_loader(settings: ServerSettings):
+        assert release.wait(30)
+        return pipe
+
+    def failing_loader(settings: ServerSettings):
+        raise blipserve.ModelNotFound("no model called 'missing'")
+
+    body = {"input_data": split([[mime(pngs["coffee"])]]), "params": {"max_new_tokens": 2}}
+    with live_server(create_app(ServerSettings(model="slow"), loader=slow_loader)) as url:
+        for path in ("/", "/ping", "/health"):
+            response = httpx.get(url + path)
+            assert response.status_code == 503 and response.text == "loading"
+        assert httpx.post(url + "/score", json=body).status_code == 503
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert httpx.post(url + "/score", json=body, timeout=60).status_code == 200
+    with live_server(create_app(ServerSettings(model="missing"), loader=failing_loader)) as url:
+        deadline = time.monotonic() + 30
+        while "failed" not in (health := httpx.get(url + "/health")).text:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert health.status_code == 503 and "no model called 'missing'" in health.text

@@ -8,12 +8,13 @@ engine thread.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Annotated
@@ -46,33 +47,60 @@ class AppState:
         self.load_error: str | None = None
 
 
-def create_app(settings: ServerSettings, pipe: Pipeline | None = None) -> FastAPI:
-    """The app for ``settings``; ``pipe`` skips loading (tests and embedding)."""
+def create_app(
+    settings: ServerSettings,
+    pipe: Pipeline | None = None,
+    *,
+    loader: Callable[[ServerSettings], Pipeline] | None = None,
+) -> FastAPI:
+    """The app for ``settings``. ``pipe`` serves an already loaded pipeline (tests,
+    embedding); otherwise ``loader`` (``blipserve.load`` by default) runs on a worker
+    thread after start-up, while the health routes answer 503 "loading"."""
     state = AppState(settings, Metrics())
+    load = loader or _load
+
+    async def bring_up() -> Scheduler:
+        try:
+            loaded = pipe or await anyio.to_thread.run_sync(load, settings)
+        except Exception as error:  # kept for the health routes; the process stays up
+            state.load_error = f"{type(error).__name__}: {error}"
+            logging.getLogger("blipserve").error("loading %s failed: %s", settings.model, error)
+            raise
+        scheduler = _scheduler(loaded, settings, state.metrics)
+        scheduler.start()
+        state.service = ModelService(
+            loaded,
+            scheduler,
+            url_policy=UrlPolicy(
+                allow_private=settings.allow_private_urls,
+                allowed_hosts=frozenset(settings.allowed_hosts),
+            ),
+            request_timeout=settings.request_timeout,
+            max_rows=settings.max_rows,
+        )
+        return scheduler
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.blipserve = state
-        scheduler = None
-        try:
-            loaded = pipe or await anyio.to_thread.run_sync(_load, settings)
-            scheduler = _scheduler(loaded, settings, state.metrics)
-            scheduler.start()
-            state.service = ModelService(
-                loaded,
-                scheduler,
-                url_policy=UrlPolicy(
-                    allow_private=settings.allow_private_urls,
-                    allowed_hosts=frozenset(settings.allowed_hosts),
-                ),
-                request_timeout=settings.request_timeout,
-                max_rows=settings.max_rows,
-            )
-            yield
-        finally:
-            state.service = None
-            if scheduler is not None:
-                await anyio.to_thread.run_sync(scheduler.close)
+        async with anyio.create_task_group() as group:
+            started: list[Scheduler] = []
+
+            async def load_in_background() -> None:
+                with contextlib.suppress(Exception):
+                    started.append(await bring_up())
+
+            if pipe is not None:  # nothing to wait for: ready before the first request
+                started.append(await bring_up())
+            else:
+                group.start_soon(load_in_background)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+                state.service = None
+                for scheduler in started:
+                    await anyio.to_thread.run_sync(scheduler.close)
 
     app = FastAPI(
         title="blipserve",
@@ -156,6 +184,8 @@ Service = Annotated[ModelService, Depends(service)]
 
 def _health_routes(app: FastAPI, state: AppState) -> None:
     def ready() -> Response:
+        if state.load_error is not None:
+            return PlainTextResponse(f"model failed to load: {state.load_error}", status_code=503)
         if state.service is None:
             return PlainTextResponse("loading", status_code=503, headers={"Retry-After": "5"})
         return PlainTextResponse("Healthy")
