@@ -89,6 +89,9 @@ def test_vision_pretraining_learns_cell_contents():
         config, pixels, labels, PretrainSettings(200, 24, 3e-3, warmup_steps=5)
     )
     with torch.no_grad():
-        predicted = classifier(pixels).argmax(-1)
+        cell_logits, where_logits = classifier(pixels)
+    predicted = cell_logits.argmax(-1)
     occupied = labels > 0
     assert (predicted[occupied] == labels[occupied]).float().mean() > 0.5  # of 48 object kinds
+    where = where_logits.argmax(-1)  # (N, 9 patches): which cell each patch lies in
+    assert (where == classifier.cell_of_patch).float().mean() > 0.9

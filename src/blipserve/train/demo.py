@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,8 +86,14 @@ class DemoRecipe:
     oracle_scenes: int = 200
 
 
-def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
-    """Run the whole recipe; write the checkpoint to ``output``; return the build record."""
+def build(
+    output: Path, recipe: DemoRecipe = DemoRecipe(), language_model_from: Path | None = None
+) -> dict:
+    """Run the whole recipe; write the checkpoint to ``output``; return the build record.
+
+    ``language_model_from`` (an earlier build's output) reuses its tokenizer and language
+    model instead of making them again (steps 1 and 3 are the slow, deterministic part;
+    use it only when those steps of the recipe have not changed)."""
     torch.manual_seed(0)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -97,14 +103,18 @@ def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
         print(f"[demo] {name}: {timings[name]} s", file=sys.stderr, flush=True)
 
-    tokenizer = Tokenizer.from_pretrained(
-        write_bpe_tokenizer(
-            corpus(recipe.tokenizer_scenes, 1),
-            work / "tokenizer",
-            vocab_size=recipe.vocab_size,
-            extra_special_tokens=CELL_TOKENS,
+    reused = _load_earlier(language_model_from) if language_model_from else None
+    if reused is None:
+        tokenizer = Tokenizer.from_pretrained(
+            write_bpe_tokenizer(
+                corpus(recipe.tokenizer_scenes, 1),
+                work / "tokenizer",
+                vocab_size=recipe.vocab_size,
+                extra_special_tokens=CELL_TOKENS,
+            )
         )
-    )
+    else:
+        tokenizer = reused.tokenizer
     eos = tokenizer.encode("\n")[1]
     processor = ImageProcessor.from_dict(
         {
@@ -131,22 +141,25 @@ def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
     del pixels
     lap("image encoder")
 
-    text_config = OPTConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=recipe.hidden,
-        ffn_dim=4 * recipe.hidden,
-        num_hidden_layers=recipe.text_layers,
-        num_attention_heads=recipe.heads,
-        max_position_embeddings=64,
-        word_embed_proj_dim=recipe.hidden,
-        eos_token_id=eos,
-    )
-    language_model, text_loss = pretrain_language_model(
-        text_config,
-        tokenizer,
-        _text_pairs(recipe.text_scenes, 1),
-        PretrainSettings(recipe.text_steps, 64, recipe.text_lr, warmup_steps=200, seed=1),
-    )
+    if reused is None:
+        text_config = OPTConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=recipe.hidden,
+            ffn_dim=4 * recipe.hidden,
+            num_hidden_layers=recipe.text_layers,
+            num_attention_heads=recipe.heads,
+            max_position_embeddings=64,
+            word_embed_proj_dim=recipe.hidden,
+            eos_token_id=eos,
+        )
+        language_model, text_loss = pretrain_language_model(
+            text_config,
+            tokenizer,
+            _text_pairs(recipe.text_scenes, 1),
+            PretrainSettings(recipe.text_steps, 64, recipe.text_lr, warmup_steps=200, seed=1),
+        )
+    else:
+        language_model, text_loss = reused.model.language_model, float("nan")
     oracle = evaluate_language_model(language_model, tokenizer, recipe.oracle_scenes)
     print(f"[demo] language model reading true cell tokens: {oracle.summary()}", file=sys.stderr)
     lap("language model")
@@ -203,6 +216,7 @@ def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
     lap("evaluation")
     record = {
         "recipe": asdict(recipe),
+        "language_model_from": str(language_model_from) if language_model_from else None,
         "seconds": timings,
         "torch": torch.__version__,
         "vision_cell_accuracy": round(cell_accuracy, 4),
@@ -215,6 +229,13 @@ def build(output: Path, recipe: DemoRecipe = DemoRecipe()) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     print(report.summary(), file=sys.stderr)
     return record
+
+
+def _load_earlier(directory: Path) -> Pipeline:
+    """An earlier demo build, on the CPU in float32, for its tokenizer and language model."""
+    from blipserve.api import load
+
+    return load(str(directory), device="cpu", dtype="float32")
 
 
 def _scores(report: EvalReport) -> dict:
@@ -237,12 +258,35 @@ def _text_pairs(count: int, seed: int) -> list:
     return triples
 
 
+def _recipe(overrides: list[str]) -> DemoRecipe:
+    recipe = DemoRecipe()
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in DemoRecipe.__dataclass_fields__:
+            raise SystemExit(f"--set: no recipe field {name!r}")
+        kind = type(getattr(recipe, name))
+        recipe = replace(recipe, **{name: kind(value)})
+    return recipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="rebuild the bundled demo model")
     parser.add_argument("--output", type=Path, default=Path(__file__).parents[1] / "demo_model")
+    parser.add_argument(
+        "--language-model-from",
+        type=Path,
+        help="reuse the tokenizer and language model of an earlier build's output",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a recipe field, e.g. --set stage2_steps=4000",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # reproducible sums, and no thrashing beside other processes
-    record = build(args.output)
+    record = build(args.output, _recipe(args.set), args.language_model_from)
     print(json.dumps(record, indent=2))
 
 

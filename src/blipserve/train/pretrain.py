@@ -46,7 +46,9 @@ class PretrainSettings:
 
 
 class CellClassifier(nn.Module):
-    """ViT + a head that classifies each grid cell from the patch tokens it covers."""
+    """ViT + two heads: what each grid cell holds (from the patch tokens it covers), and
+    which cell each patch token lies in (so the features say *where*, which the Q-Former's
+    cross-attention needs to tell the cells apart)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -55,14 +57,18 @@ class CellClassifier(nn.Module):
         self.side = side
         self.encoder = VisionTransformer(config)
         self.head = nn.Linear(config.hidden_size, NUM_CELL_CLASSES)
+        self.where = nn.Linear(config.hidden_size, GRID * GRID)
+        per = side // GRID
+        cell_of_patch = torch.arange(side)[:, None] // per * GRID + torch.arange(side)[None] // per
+        self.register_buffer("cell_of_patch", cell_of_patch.flatten(), persistent=False)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 9, classes) logits, cells row-major."""
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> (B, 9, classes) cell logits (row-major), (B, P, 9) patch-cell logits."""
         tokens = self.encoder(pixels)[:, 1:]  # (B, side*side, D), CLS dropped
         b, _, d = tokens.shape
         per = self.side // GRID
         grid = tokens.view(b, GRID, per, GRID, per, d).mean(dim=(2, 4))  # (B, 3, 3, D)
-        return self.head(grid.reshape(b, GRID * GRID, d))
+        return self.head(grid.reshape(b, GRID * GRID, d)), self.where(tokens)
 
 
 def pretrain_vision(
@@ -85,8 +91,10 @@ def pretrain_vision(
     accuracy = 0.0
     for _ in progress:
         index = torch.randint(len(pixels), (settings.batch_size,), generator=generator)
-        logits = model(pixels[index].float())
+        logits, where = model(pixels[index].float())
         loss = F.cross_entropy(logits.reshape(-1, NUM_CELL_CLASSES), labels[index].reshape(-1))
+        cells = model.cell_of_patch.expand(len(index), -1)  # (B, P)
+        loss = loss + F.cross_entropy(where.reshape(-1, GRID * GRID), cells.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
