@@ -86,7 +86,7 @@ def test_vision_pretraining_learns_cell_contents():
         image_size=48, patch_size=16,
     )  # fmt: skip
     classifier, _ = pretrain_vision(
-        config, pixels, labels, PretrainSettings(200, 24, 3e-3, warmup_steps=5)
+        config, pixels, labels, PretrainSettings(300, 24, 3e-3, warmup_steps=5)
     )
     with torch.no_grad():
         cell_logits, where_logits = classifier(pixels)
