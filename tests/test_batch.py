@@ -301,24 +301,41 @@ def test_private_urls_are_refused_by_default(tiny_checkpoint, tmp_path):
     assert "loopback" in line["error"]
 
 
-@pytest.mark.parametrize(
-    ("message", "transient"),
-    [
-        ("timed out after 10 s fetching http://h/x.png", True),
-        ("cannot connect to h:80: connection refused", True),
-        ("fetching http://h/x.png failed: HTTP 503 Service Unavailable", True),
-        ("fetching http://h/x.png failed: HTTP 429 Too Many Requests", True),
-        ("fetching http://h/x.png failed: [Errno 104] Connection reset by peer", True),
-        ("fetching http://h/x.png failed: HTTP 404 Not Found", False),
-        ("127.0.0.1 is a loopback address (pass --allow-private-urls ...)", False),
-        ("not an image (got 12 bytes)", False),
-    ],
-)
-def test_transient_errors_are_told_from_permanent_ones(message, transient):
-    from blipserve.batch.local import is_transient
-    from blipserve.errors import InvalidImage
+@pytest.mark.parametrize(("status", "transient"), [(503, True), (429, True), (404, False)])
+def test_fetch_errors_say_whether_a_retry_may_help(status, transient):
+    import http.server
+    import socket
+    import threading
 
-    assert is_transient(InvalidImage(message)) == transient
+    from blipserve.errors import InvalidImage
+    from blipserve.processing.fetch import UrlPolicy, fetch_url
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    policy = UrlPolicy(allow_private=True)
+    try:
+        with pytest.raises(InvalidImage) as err:
+            fetch_url(f"http://127.0.0.1:{server.server_port}/x.png", policy=policy)
+        assert err.value.transient is transient and str(status) in err.value.reason
+    finally:
+        server.shutdown()
+    with socket.socket() as closed:  # a port nobody listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(InvalidImage) as err:
+        fetch_url(f"http://127.0.0.1:{port}/x.png", policy=policy)
+    assert err.value.transient
+    with pytest.raises(InvalidImage) as err:  # refused by policy: permanent
+        fetch_url(f"http://127.0.0.1:{port}/x.png")
+    assert not err.value.transient
 
 
 def test_outputs_inside_the_input_folder_are_not_inputs(tiny_checkpoint, folder, tmp_path):

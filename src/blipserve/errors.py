@@ -23,12 +23,14 @@ class BlipserveError(Exception):
 class InvalidImage(BlipserveError):
     """An input could not be turned into an image.
 
-    ``row`` is the position of the offending input in a batch, when known.
+    ``row`` is the position of the offending input in a batch, when known; ``transient``
+    says a retry may succeed (a network timeout, a reset, HTTP 5xx, 429 or 408).
     """
 
-    def __init__(self, message: str, *, row: int | None = None) -> None:
+    def __init__(self, message: str, *, row: int | None = None, transient: bool = False) -> None:
         self.row = row
         self.reason = message
+        self.transient = transient
         super().__init__(f"row {row}: {message}" if row is not None else message)
 
 

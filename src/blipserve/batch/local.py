@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,18 +38,10 @@ RETRY_BACKOFF_MAX_S = 8.0
 _END = object()  # end of one chunk's rows on the queue
 _DONE = object()  # no more chunks
 
-# InvalidImage messages of blipserve.processing.fetch for failures worth retrying.
-_TRANSIENT = re.compile(
-    r"timed out|cannot connect|connection refused|cannot resolve host|cannot fetch from"
-    r"|HTTP (5\d\d|429|408)\b|took over .* gave up|fetching .* failed: (?!HTTP)",
-    re.IGNORECASE,
-)
-
 
 def is_transient(err: InvalidImage) -> bool:
     """Whether retrying could help: network errors, timeouts, HTTP 5xx, 429 and 408."""
-    flag = getattr(err, "transient", None)
-    return bool(flag) if flag is not None else bool(_TRANSIENT.search(err.reason))
+    return err.transient
 
 
 def default_batch_size(pipe: Pipeline) -> int:

@@ -267,6 +267,9 @@ def _build_opener(limits: ImageLimits, policy: UrlPolicy) -> urllib.request.Open
 # --- fetching ---------------------------------------------------------------------------------
 
 
+RETRYABLE_STATUS = (408, 429)  # and every 5xx
+
+
 def fetch_url(
     url: str, limits: ImageLimits = DEFAULT_LIMITS, policy: UrlPolicy = DEFAULT_URL_POLICY
 ) -> bytes:
@@ -280,12 +283,17 @@ def fetch_url(
             return _read_capped(response, where, limits)
     except urllib.error.HTTPError as err:
         err.close()
-        raise InvalidImage(f"fetching {where} failed: HTTP {err.code} {err.reason}") from None
+        retry = err.code >= 500 or err.code in RETRYABLE_STATUS
+        message = f"fetching {where} failed: HTTP {err.code} {err.reason}"
+        raise InvalidImage(message, transient=retry) from None
     except urllib.error.URLError as err:
-        raise InvalidImage(_connection_message(err.reason, url)) from None
+        raise InvalidImage(_connection_message(err.reason, url), transient=True) from None
     except TimeoutError:
-        raise InvalidImage(f"timed out after {limits.timeout_s:g} s fetching {where}") from None
-    except (OSError, ValueError, http.client.HTTPException) as err:  # resets, bad responses
+        message = f"timed out after {limits.timeout_s:g} s fetching {where}"
+        raise InvalidImage(message, transient=True) from None
+    except (OSError, http.client.HTTPException) as err:  # resets, broken responses
+        raise InvalidImage(f"fetching {where} failed: {err}", transient=True) from None
+    except ValueError as err:
         raise InvalidImage(f"fetching {where} failed: {err}") from None
 
 
@@ -358,7 +366,8 @@ def _read_capped(response: Any, where: str, limits: ImageLimits) -> bytes:
             raise InvalidImage(f"{where} is over the {_mb(limits.max_bytes)} limit")
         if time.monotonic() > deadline:
             raise InvalidImage(
-                f"download of {where} took over {limits.total_timeout_s:g} s; gave up"
+                f"download of {where} took over {limits.total_timeout_s:g} s; gave up",
+                transient=True,
             )
     return bytes(body)
 

@@ -81,7 +81,7 @@ def load_image(
     try:
         image = _to_image(source, limits, url_policy, allow_paths)
     except InvalidImage as err:
-        raise InvalidImage(err.reason, row=row) from err.__cause__
+        raise InvalidImage(err.reason, row=row, transient=err.transient) from err.__cause__
     return _apply_exif_orientation(image) if exif_transpose else image
 
 
