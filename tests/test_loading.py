@@ -164,9 +164,10 @@ def test_model_names_resolve(single, tmp_path):
         resolve_checkpoint("./no/such/dir/anywhere")
 
 
-def test_demo_model_is_not_bundled_yet():
-    with pytest.raises(ModelNotFound, match="demo model is not part of this blipserve build yet"):
-        resolve_checkpoint("demo")
+def test_demo_resolves_to_the_bundled_checkpoint():
+    directory = resolve_checkpoint("demo")
+    assert directory.name == "demo_model" and directory.parent.name == "blipserve"
+    assert (directory / "config.json").is_file() and (directory / "model.safetensors").is_file()
 
 
 def run_offline(code: str, hf_home) -> subprocess.CompletedProcess:

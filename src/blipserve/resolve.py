@@ -2,8 +2,7 @@
 
 A name is resolved in this order:
 
-1. ``demo``: the small model bundled inside the package (docs/demo-model.md; not shipped
-   until it meets its quality bar, a clear :class:`ModelNotFound` until then);
+1. ``demo``: the small model bundled inside the package (MODEL_CARD.md, docs/demo-model.md);
 2. an existing local path: a directory in the Hugging Face layout (``config.json`` and
    weights);
 3. a Hugging Face Hub id (``Salesforce/blip2-opt-2.7b``): the local Hub cache first, then a
@@ -47,9 +46,9 @@ def demo_checkpoint() -> Path:
     directory = Path(__file__).parent / "demo_model"
     if not (directory / "config.json").is_file():
         raise ModelNotFound(
-            "the bundled demo model is not part of this blipserve build yet; pass a "
-            "checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b' with --model "
-            "(or build one with `python -m blipserve.train.demo --output DIR`)"
+            f"the bundled demo model is missing from this installation ({directory}); "
+            "reinstall blipserve, rebuild it with `python -m blipserve.train.demo`, or pass a "
+            "checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b' with --model"
         )
     return directory
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 ENV_PREFIX = "BLIPSERVE_"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,29 @@ class ServerSettings:
     allow_private_urls: bool = False  # fetch from loopback / private / link-local addresses
     allowed_hosts: tuple[str, ...] = field(default=())  # hosts or CIDRs allowed although private
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        lowest = {
+            "port": 0,  # 0: any free port
+            "max_batch_rows": 1,
+            "max_waiting": 1,
+            "max_rows": 1,
+            "prefix_cache_size": 0,
+        }
+        for name, least in lowest.items():
+            if getattr(self, name) < least:
+                raise ValueError(
+                    f"{_flag(name)} must be at least {least}, got {getattr(self, name)}"
+                )
+        if self.port > 65535:
+            raise ValueError(f"--port must be at most 65535, got {self.port}")
+        for name in ("request_timeout", "max_body_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(
+                f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
 
     @property
     def max_body_bytes(self) -> int:
@@ -92,7 +116,10 @@ def _convert(name: str, kind: str, raw: object) -> object:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw
     except ValueError:
-        flag = "--" + name.replace("_", "-")
         raise ValueError(
-            f"{flag} / {ENV_PREFIX}{name.upper()}: {raw!r} is not a valid {kind}"
+            f"{_flag(name)} / {ENV_PREFIX}{name.upper()}: {raw!r} is not a valid {kind}"
         ) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

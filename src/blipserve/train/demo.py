@@ -67,7 +67,7 @@ class DemoRecipe:
     patch_size: int = 16
     hidden: int = 128
     vision_layers: int = 4
-    qformer_layers: int = 2
+    qformer_layers: int = 4
     text_layers: int = 4
     heads: int = 4
     num_query_tokens: int = 9  # one per grid cell, as the language model's prefix
@@ -79,7 +79,7 @@ class DemoRecipe:
     text_steps: int = 8000
     text_lr: float = 1e-3
     stage2_scenes: int = 4000
-    stage2_steps: int = 2000
+    stage2_steps: int = 6000
     stage2_batch: int = 48
     stage2_lr: float = 1e-3
     eval_scenes: int = 500

@@ -1,0 +1,105 @@
+"""The bundled demo model: it loads by name, and its captions and answers are right."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+import blipserve
+from blipserve.resolve import demo_checkpoint
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return blipserve.load("demo", device="cpu")
+
+
+def test_demo_is_bundled_and_small():
+    directory = demo_checkpoint()
+    size = sum(p.stat().st_size for p in directory.iterdir())
+    assert size <= 25 * 2**20, f"{size / 2**20:.1f} MiB"
+    assert (directory / "build_record.json").is_file()
+
+
+def test_demo_captions_the_examples(demo):
+    expected = dict(
+        line.split("\t") for line in (EXAMPLES / "captions.tsv").read_text().splitlines()
+    )
+    names = sorted(expected)
+    captions = demo.caption([str(EXAMPLES / name) for name in names])
+    assert captions == [expected[name] for name in names]
+
+
+def test_evaluate_command_meets_the_quality_bar():
+    """The evaluation command on 60 held-out scenes (seed 1000, never trained on); the
+    full 500-image figures are in MODEL_CARD.md."""
+    done = subprocess.run(
+        [sys.executable, "-m", "blipserve", "evaluate", "--count", "60", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["images"] == 60
+    assert report["caption_accuracy"] >= 0.9, report
+    assert report["vqa_accuracy"] >= 0.9, report
+
+
+def draw(shape: str, color: str, box: tuple[int, int, int, int]) -> Image.Image:
+    """A scene drawn with PIL alone, independently of the generator."""
+    image = Image.new("RGB", (224, 224), "white")
+    painter = ImageDraw.Draw(image)
+    (painter.ellipse if shape == "circle" else painter.rectangle)(box, fill=color)
+    return image
+
+
+def test_demo_captions_scenes_drawn_independently(demo):
+    red_circle = draw("circle", "red", (85, 85, 139, 139))  # centre, radius 27 of 224
+    blue_square = draw("square", "blue", (26, 26, 50, 50))  # top left, small
+    assert demo.caption([red_circle, blue_square]) == ["a big red circle", "a small blue square"]
+    assert demo.ask(red_circle, "what color is the circle?") == "red"
+    assert demo.ask(blue_square, "where is the square?") == "top left"
+
+
+def test_cli_uses_the_demo_by_default():
+    names = ["scene-1.png", "scene-2.png"]
+    done = subprocess.run(
+        [sys.executable, "-m", "blipserve", "caption", *(str(EXAMPLES / n) for n in names)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = dict(
+        line.split("\t") for line in (EXAMPLES / "captions.tsv").read_text().splitlines()
+    )
+    assert done.stdout.splitlines() == [expected[n] for n in names]
+
+
+def test_batch_on_the_examples_writes_the_managed_endpoints_csv(tmp_path):
+    """``blipserve batch examples/ OUT`` with no --model: predictions.csv, byte for byte."""
+    done = subprocess.run(
+        [sys.executable, "-m", "blipserve", "batch", str(EXAMPLES), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "predictions.csv").read_bytes() == (
+        b'0,"a small green square, a big yellow triangle and a big blue star in a row",'
+        b"scene-1.png\n"
+        b"0,a small orange star above a big green triangle,scene-2.png\n"
+        b"0,a small blue triangle to the left of a big orange square,scene-3.png\n"
+        b"0,a big green circle above a big red triangle,scene-4.png\n"
+        b'0,"a big blue square, a big green circle and a small purple star in a row",'
+        b"scene-5.png\n"
+        b"0,a small orange square to the left of a small red triangle,scene-6.png\n"
+    )

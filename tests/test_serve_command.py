@@ -1,0 +1,115 @@
+"""``blipserve serve`` as users start it: a real process, settings from the environment,
+the bundled demo model by default, a JSON access log, and a clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(env: dict[str, str], *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "blipserve", "serve", *flags],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def served():
+    port = free_port()
+    process = start({"BLIPSERVE_API_KEY": "secret", "BLIPSERVE_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_demo_model_served_with_key_from_the_environment(served):
+    url, _ = served
+    expected = dict(
+        line.split("\t") for line in (EXAMPLES / "captions.tsv").read_text().splitlines()
+    )
+    image = base64.b64encode((EXAMPLES / "scene-2.png").read_bytes()).decode()
+    body = {"input_data": {"columns": ["image"], "index": [0], "data": [[image]]}}
+    assert httpx.post(f"{url}/score", json=body).status_code == 401
+    answer = httpx.post(
+        f"{url}/score", json=body, headers={"Authorization": "Bearer secret"}, timeout=60
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == [{"text": expected["scene-2.png"]}]
+    assert httpx.get(f"{url}/version").json()["model"] == "demo"
+
+
+def test_sigterm_exits_cleanly_with_a_json_access_log(served):
+    url, process = served
+    httpx.get(f"{url}/health")
+    process.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit -SIGTERM)
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    log = process.stderr.read()
+    assert "Application shutdown complete" in log and "Traceback" not in log
+    records = [
+        json.loads(line[line.index("{") :])
+        for line in log.splitlines()
+        if "blipserve.access" in line
+    ]
+    statuses = {(r["method"], r["path"], r["status"]) for r in records}
+    assert {("POST", "/score", 401), ("POST", "/score", 200), ("GET", "/health", 200)} <= statuses
+    assert all(r["request_id"] and r["ms"] >= 0 for r in records)
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "message"),
+    [
+        ({"BLIPSERVE_PORT": "eighty"}, (), "--port / BLIPSERVE_PORT: 'eighty' is not a valid int"),
+        (
+            {},
+            ("--allow-private-urls", "--max-waiting", "0"),
+            "--max-waiting must be at least 1, got 0",
+        ),
+    ],
+)
+def test_bad_settings_end_with_one_clear_line(env, flags, message):
+    process = start(env, *flags)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert message in stderr and "Traceback" not in stderr
