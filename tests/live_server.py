@@ -12,12 +12,17 @@ import uvicorn
 from fastapi import FastAPI
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextmanager
 def live_server(app: FastAPI, timeout: float = 60.0) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 (a free port); yield its base URL; shut down gracefully."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
 import blipserve
 from blipserve.resolve import demo_checkpoint
-
-EXAMPLES = Path(__file__).parents[1] / "examples"
+from tests.examples import EXAMPLES, example_captions
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +27,7 @@ def test_demo_is_bundled_and_small():
 
 
 def test_demo_captions_the_examples(demo):
-    expected = dict(
-        line.split("\t") for line in (EXAMPLES / "captions.tsv").read_text().splitlines()
-    )
+    expected = example_captions()
     names = sorted(expected)
     captions = demo.caption([str(EXAMPLES / name) for name in names])
     assert captions == [expected[name] for name in names]
@@ -78,9 +74,7 @@ def test_cli_uses_the_demo_by_default():
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    expected = dict(
-        line.split("\t") for line in (EXAMPLES / "captions.tsv").read_text().splitlines()
-    )
+    expected = example_captions()
     assert done.stdout.splitlines() == [expected[n] for n in names]
 
 

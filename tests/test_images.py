@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
 import threading
 import time
@@ -25,6 +24,7 @@ from skimage import data as skdata
 from blipserve.errors import InvalidImage
 from blipserve.processing.fetch import UrlPolicy, fetch_url
 from blipserve.processing.images import ImageLimits, load_image, load_images
+from tests.live_server import free_port
 
 LOCAL = UrlPolicy(allow_private=True)  # the test server listens on 127.0.0.1
 
@@ -142,13 +142,6 @@ def server() -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- every input form gives the same pixels ---------------------------------------------------

@@ -7,29 +7,22 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.examples import EXAMPLES, example_captions
+from tests.live_server import free_port
 
 
 def start(env: dict[str, str], *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "blipserve", "serve", *flags],
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -65,9 +58,7 @@ def served():
 
 def test_demo_model_served_with_key_from_the_environment(served):
     url, _ = served
-    expected = dict(
-        line.split("\t") for line in (EXAMPLES / "captions.tsv").read_text().splitlines()
-    )
+    expected = example_captions()
     image = base64.b64encode((EXAMPLES / "scene-2.png").read_bytes()).decode()
     body = {"input_data": {"columns": ["image"], "index": [0], "data": [[image]]}}
     assert httpx.post(f"{url}/score", json=body).status_code == 401
