@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import csv
+import dataclasses
 import http.server
 import json
 import threading
@@ -48,9 +50,9 @@ def model_args(checkpoint) -> list[str]:
 def all_rows(spec: BatchSpec) -> list[tuple[str, int, object, str | None, str | None]]:
     plan = make_plan(spec)
     return [
-        (plan.names[c.file_index], r.row, r.image, r.prompt, r.error)
+        (plan.names[c.position(i)[0]], r.row, r.image, r.prompt, r.error)
         for c in plan.chunks
-        for r in read_chunk(plan.files[c.file_index], c)
+        for i, r in enumerate(read_chunk(plan.files, c))
     ]
 
 
@@ -86,13 +88,65 @@ def test_chunks_start_mid_file_at_their_offsets(tmp_path, photos):
     write_azure_sample_csv(
         tmp_path / "a.csv", data, prompts=[f'say "{i}",\nthen' for i in range(7)]
     )
-    whole = list(read_chunk(tmp_path / "a.csv", scan_chunks(tmp_path / "a.csv", 0, 100, None)[0]))
-    chunks = scan_chunks(tmp_path / "a.csv", 0, 3, None)
+    files = [tmp_path / "a.csv"]
+    whole = list(read_chunk(files, scan_chunks(files[0], 0, 100, None)[0]))
+    chunks = scan_chunks(files[0], 0, 3, None)
     assert [(c.first_row, c.n_rows) for c in chunks] == [(0, 3), (3, 3), (6, 1)]
-    pieces = [r for c in chunks for r in read_chunk(tmp_path / "a.csv", c)]
+    pieces = [r for c in chunks for r in read_chunk(files, c)]
     assert pieces == whole and len(whole) == 7
     assert base64.b64decode(whole[4].image) == data[4] and whole[4].prompt == 'say "4",\nthen'
     assert [c.n_rows for c in scan_chunks(tmp_path / "a.csv", 0, 3, 5)] == [3, 2]
+
+
+def test_consecutive_image_files_share_chunks(tmp_path, photos):
+    """A folder of photos is cut into chunks of ``chunk_size`` files, not one per file,
+    so batches fill up; a table in between starts a chunk of its own."""
+    for name in ("a", "b", "c", "e", "f", "g", "h"):
+        (tmp_path / f"{name}.jpg").write_bytes(jpeg_bytes(photos["coffee"], (24, 24)))
+    write_jsonl(tmp_path / "d.jsonl", [{"image": "a.jpg"}, {"image": "b.jpg"}])
+    spec = BatchSpec(input=str(tmp_path), output_dir=str(tmp_path / "out"), chunk_size=3)
+    plan = make_plan(spec)
+    spans = [[plan.names[c.position(i)[0]] for i in range(c.n_rows)] for c in plan.chunks]
+    assert spans == [
+        ["a.jpg", "b.jpg", "c.jpg"],
+        ["d.jsonl", "d.jsonl"],
+        ["e.jpg", "f.jpg", "g.jpg"],
+        ["h.jpg"],
+    ]
+    assert len({c.name for c in plan.chunks}) == 4  # one part file each
+    rows = [(name, row, image) for name, row, image, *_ in all_rows(spec)]
+    assert rows[:3] == [
+        ("a.jpg", 0, tmp_path / "a.jpg"),
+        ("b.jpg", 0, tmp_path / "b.jpg"),
+        ("c.jpg", 0, tmp_path / "c.jpg"),
+    ]
+    assert rows[3][:2] == ("d.jsonl", 0) and rows[4][:2] == ("d.jsonl", 1)
+    limited = make_plan(dataclasses.replace(spec, limit=6))
+    assert [c.n_rows for c in limited.chunks] == [3, 2, 1] and limited.rows == 6
+
+
+def test_image_folder_runs_full_batches(tiny_checkpoint, tmp_path, photos, monkeypatch):
+    """Throughput: 10 photos with --batch-size 4 are 3 model calls (4, 4, 2), not 10."""
+    from blipserve.batch.local import ChunkProcessor
+
+    for i in range(10):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(jpeg_bytes(photos["astronaut"], (30 + i, 30)))
+    sizes: list[int] = []
+    original = ChunkProcessor.generate
+
+    def counted(self, rows):
+        sizes.append(len(rows))
+        return original(self, rows)
+
+    monkeypatch.setattr(ChunkProcessor, "generate", counted)
+    summary = runner.run(
+        spec_for(tiny_checkpoint, tmp_path, tmp_path / "out", batch_size=4), progress_bar=False
+    )
+    assert summary.done == 10 and summary.failed == 0
+    assert sizes == [4, 4, 2]
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        records = list(csv.reader(f))
+    assert [(r[0], r[2]) for r in records] == [("0", f"{i:02d}.jpg") for i in range(10)]
 
 
 def test_table_without_image_column_is_refused(tmp_path):
@@ -235,6 +289,7 @@ def test_dry_run_counts_rows_and_writes_nothing(folder, tmp_path, capsys):
     assert main([str(folder), str(tmp_path / "out"), "--dry-run", "--recursive"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == 15 and report["files"]["azure.csv"] == 5
+    assert report["files"]["cat.png"] == report["files"]["coffee.jpg"] == 1  # one shared chunk
     assert not (tmp_path / "out").exists()
 
 

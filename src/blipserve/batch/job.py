@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blipserve.batch.sources import ChunkRef, discover, display_name, scan_chunks
+from blipserve.batch.sources import ChunkRef, discover, display_name, plan_chunks
 from blipserve.errors import BlipserveError, InvalidRequest
 
 if TYPE_CHECKING:
@@ -81,16 +81,7 @@ def make_plan(spec: BatchSpec) -> Plan:
     found = discover(spec.input, recursive=spec.recursive)
     files = [f for f in found if not f.resolve().is_relative_to(output)]  # not our own outputs
     names = [display_name(f, spec.input) for f in files]
-    chunks: list[ChunkRef] = []
-    left = spec.limit
-    for i, path in enumerate(files):
-        if left == 0:
-            break
-        found = scan_chunks(path, i, spec.chunk_size, left)
-        chunks += found
-        if left is not None:
-            left -= sum(c.n_rows for c in found)
-    return Plan(files, names, chunks)
+    return Plan(files, names, plan_chunks(files, spec.chunk_size, spec.limit))
 
 
 def resolve_params(spec: BatchSpec) -> GenerationParams:

@@ -101,7 +101,7 @@ class ChunkProcessor:
     ) -> None:
         try:
             for ref in refs:
-                for row in read_chunk(self.files[ref.file_index], ref):
+                for row in read_chunk(self.files, ref):
                     if not _put(futures, pool.submit(self._decode, row), stop):
                         return
                 if not _put(futures, (_END, ref), stop):
@@ -222,8 +222,9 @@ class ChunkProcessor:
     def _result(
         self, ref: ChunkRef, i: int, d: Decoded, texts: dict[int, str | None], errors: dict
     ) -> Result:
-        assert d.row.row == ref.first_row + i, (ref, i, d.row.row)
-        name = self.names[ref.file_index]
+        file_index, row = ref.position(i)
+        assert d.row.row == row, (ref, i, d.row.row)
+        name = self.names[file_index]
         if i in errors:
             return Result(name, d.row.row, None, errors[i])
         return Result(name, d.row.row, texts[i])

@@ -83,8 +83,9 @@ def run_batch(args: argparse.Namespace) -> int:
         plan, summary = runner.dry_run(spec)
         counts: dict[str, int] = {}
         for chunk in plan.chunks:
-            name = plan.names[chunk.file_index]
-            counts[name] = counts.get(name, 0) + chunk.n_rows
+            for file_index, rows in chunk.file_rows().items():
+                name = plan.names[file_index]
+                counts[name] = counts.get(name, 0) + rows
         print(json.dumps({"files": counts, "rows": summary.rows}), flush=True)
         return 0
     ray = runner.RayOptions(args.address, args.workers, args.gpus_per_worker)

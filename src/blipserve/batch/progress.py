@@ -31,7 +31,7 @@ from blipserve.batch.sources import ChunkRef
 from blipserve.errors import BlipserveError
 
 STATE_DIR = ".blipserve"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: consecutive image files share chunks
 
 
 class ResumeConflict(BlipserveError):

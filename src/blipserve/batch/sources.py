@@ -12,10 +12,11 @@ raw bytes (parquet binary) or a path relative to the table's folder. A row that 
 read (a malformed JSON line, a missing ``image`` value) is still yielded, with ``error`` set,
 so it counts as one failed row and numbering stays stable.
 
-Rows are grouped into chunks of ``chunk_size`` consecutive rows of one file; a
-:class:`ChunkRef` remembers where its first row starts (a byte offset in CSV and JSONL
-files, a row number in parquet), so any process can read one chunk without rereading its
-file from the top.
+Rows are grouped into chunks of at most ``chunk_size`` consecutive rows: rows of one table,
+or a run of consecutive image files (one row each), so a folder of photos fills whole
+batches. A :class:`ChunkRef` remembers where its first row starts (a byte offset in CSV and
+JSONL files, a row number in parquet), so any process can read one chunk without rereading
+its file from the top.
 """
 
 from __future__ import annotations
@@ -58,17 +59,31 @@ class Row:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """Rows ``first_row .. first_row + n_rows - 1`` of input file ``file_index``."""
+    """Rows ``first_row .. first_row + n_rows - 1`` of input file ``file_index``, or, when
+    ``n_files > 1``, row 0 of each image file ``file_index .. file_index + n_files - 1``."""
 
     file_index: int
     chunk_index: int
     first_row: int
     n_rows: int
     offset: int  # byte offset of the first row (CSV, JSONL); 0 for images and parquet
+    n_files: int = 1
 
     @property
     def name(self) -> str:
         return f"{self.file_index:06d}-{self.chunk_index:08d}"
+
+    def position(self, i: int) -> tuple[int, int]:
+        """(file index, row number in that file) of the chunk's ``i``-th row."""
+        if self.n_files > 1:
+            return self.file_index + i, 0
+        return self.file_index, self.first_row + i
+
+    def file_rows(self) -> dict[int, int]:
+        """File index -> rows of that file in this chunk."""
+        if self.n_files > 1:
+            return dict.fromkeys(range(self.file_index, self.file_index + self.n_files), 1)
+        return {self.file_index: self.n_rows}
 
 
 def discover(input_path: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
@@ -101,8 +116,41 @@ def is_input(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES + TABLE_SUFFIXES
 
 
+def plan_chunks(files: list[Path], chunk_size: int, limit: int | None) -> list[ChunkRef]:
+    """Every chunk of ``files`` in order, of the first ``limit`` rows when given (reads each
+    table once; decodes no image). Consecutive image files share chunks."""
+    chunks: list[ChunkRef] = []
+    left = limit
+    for i, path in enumerate(files):
+        if left == 0:
+            break
+        if _kind(path) == "image":
+            last = chunks[-1] if chunks else None
+            if last is not None and _images_up_to(last, files, i - 1) and last.n_rows < chunk_size:
+                chunks[-1] = dataclasses.replace(
+                    last, n_rows=last.n_rows + 1, n_files=last.n_files + 1
+                )
+            else:
+                chunks.append(ChunkRef(i, 0, 0, 1, 0))
+            rows = 1
+        else:
+            found = scan_chunks(path, i, chunk_size, left)
+            chunks += found
+            rows = sum(c.n_rows for c in found)
+        if left is not None:
+            left -= rows
+    return chunks
+
+
+def _images_up_to(chunk: ChunkRef, files: list[Path], index: int) -> bool:
+    """Whether ``chunk`` holds image files only, the last of them ``files[index]``."""
+    return (
+        _kind(files[chunk.file_index]) == "image" and chunk.file_index + chunk.n_files - 1 == index
+    )
+
+
 def scan_chunks(path: Path, file_index: int, chunk_size: int, limit: int | None) -> list[ChunkRef]:
-    """Split one file's rows into chunks (reads the file once; decodes no image)."""
+    """Split one table's rows into chunks (reads the file once; decodes no image)."""
     assert chunk_size > 0
     chunks: list[ChunkRef] = []
     for row, offset in _row_offsets(path):
@@ -114,9 +162,13 @@ def scan_chunks(path: Path, file_index: int, chunk_size: int, limit: int | None)
     return chunks
 
 
-def read_chunk(path: Path, ref: ChunkRef) -> Iterator[Row]:
-    """The rows of one chunk, in order."""
-    rows = _read_rows(path, ref.first_row, ref.offset)
+def read_chunk(files: list[Path], ref: ChunkRef) -> Iterator[Row]:
+    """The rows of one chunk, in order (``files``: the plan's input files)."""
+    if ref.n_files > 1:
+        for path in files[ref.file_index : ref.file_index + ref.n_files]:
+            yield Row(0, path)
+        return
+    rows = _read_rows(files[ref.file_index], ref.first_row, ref.offset)
     for _, row in zip(range(ref.n_rows), rows, strict=False):
         yield row
 
