@@ -2,11 +2,13 @@
 
 Both read the same JPEG files from disk and caption them greedily with the same checkpoint:
 
-- blipserve: ``blipserve batch FOLDER OUT --format jsonl`` in-process (decoding threads
-  overlapped with the model); images/s from its summary (model loading excluded);
+- blipserve: ``blipserve batch FOLDER OUT --format jsonl --batch-size B`` in-process
+  (decoding threads overlapped with the model); images/s from its summary (model loading
+  excluded);
 - transformers: for each batch, open the files with PIL, ``BlipImageProcessor``,
   ``Blip2ForConditionalGeneration.generate``, ``batch_decode``: the loop people write.
-  It runs at each of ``--batch-sizes`` and the best is reported.
+
+Both run at each of ``--batch-sizes``; the table gives each size and the best of each side.
 
 Each side runs in a child process of its own. Usage (full size, on a GPU):
 
@@ -45,21 +47,26 @@ def run_blipserve(args: argparse.Namespace, folder: Path) -> dict:
     from blipserve.batch import runner
     from blipserve.batch.job import BatchSpec
 
-    with tempfile.TemporaryDirectory() as out:
-        spec = BatchSpec(
-            input=str(folder),
-            output_dir=out,
-            model=str(args.checkpoint),
-            fmt="jsonl",
-            device=args.device,
-            dtype=args.dtype,
-            exif_transpose=False,
-            gen={"max_new_tokens": args.max_new_tokens},
-            batch_size=args.blipserve_batch_size,
-            threads=args.threads,
-        )
-        summary = runner.run(spec, progress_bar=False)
-    return {"images_per_s": summary.images_per_s, "batch_size": spec.batch_size or "default"}
+    rates, texts = {}, {}
+    for size in args.batch_sizes:
+        with tempfile.TemporaryDirectory() as out:
+            spec = BatchSpec(
+                input=str(folder),
+                output_dir=out,
+                model=str(args.checkpoint),
+                fmt="jsonl",
+                device=args.device,
+                dtype=args.dtype,
+                exif_transpose=False,
+                gen={"max_new_tokens": args.max_new_tokens},
+                batch_size=size,
+                threads=args.threads,
+            )
+            rates[size] = runner.run(spec, progress_bar=False).images_per_s
+            lines = (Path(out) / "predictions.jsonl").read_text().splitlines()
+            texts[size] = [json.loads(line)["text"] for line in lines]
+    best = max(rates, key=rates.get)
+    return {"images_per_s": rates[best], "batch_size": best, "by_batch_size": rates, "texts": texts}
 
 
 @torch.inference_mode()
@@ -92,19 +99,20 @@ def run_transformers(args: argparse.Namespace, folder: Path) -> dict:
         )
         return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
 
-    rates = {}
+    rates, texts = {}, {}
     for size in args.batch_sizes:
         caption(paths[:size])  # warm-up at this batch size
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        texts[size] = []
         for i in range(0, len(paths), size):
-            caption(paths[i : i + size])
+            texts[size] += caption(paths[i : i + size])
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         rates[size] = len(paths) / (time.perf_counter() - t0)
     best = max(rates, key=rates.get)
-    return {"images_per_s": rates[best], "batch_size": best, "by_batch_size": rates}
+    return {"images_per_s": rates[best], "batch_size": best, "by_batch_size": rates, "texts": texts}
 
 
 def main() -> None:
@@ -115,7 +123,6 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--blipserve-batch-size", type=int, help="default: blipserve's own")
     parser.add_argument("--threads", type=int, default=4, help="blipserve decoding threads")
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["blipserve", "transformers"], help=argparse.SUPPRESS)
@@ -136,14 +143,24 @@ def main() -> None:
                 sys.exit(f"{impl} failed:\n{done.stderr[-3000:]}")
             results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
     ours, ref = results["blipserve"], results["transformers"]
-    print(
+    lines = [
         f"checkpoint {args.checkpoint}, device {args.device}, dtype {args.dtype}, greedy, "
-        f"max_new_tokens {args.max_new_tokens}, {args.images} JPEG files\n\n"
-        "| | images/s | batch size |\n|---|---|---|\n"
-        f"| transformers loop (best) | {ref['images_per_s']:.2f} | {ref['batch_size']} |\n"
-        f"| blipserve batch | {ours['images_per_s']:.2f} | {ours['batch_size']} |\n\n"
-        f"blipserve / transformers: {ours['images_per_s'] / ref['images_per_s']:.2f}x"
+        f"max_new_tokens {args.max_new_tokens}, {args.images} JPEG files\n",
+        "| batch size | transformers loop, images/s | blipserve batch, images/s | ratio "
+        "| same text |",
+        "|---|---|---|---|---|",
+    ]
+    for size in map(str, args.batch_sizes):
+        a, b = ref["by_batch_size"][size], ours["by_batch_size"][size]
+        pairs = zip(ref["texts"][size], ours["texts"][size], strict=True)
+        same = sum(x.strip() == y for x, y in pairs)
+        lines.append(f"| {size} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {same} of {args.images} |")
+    lines.append(
+        f"\nbest vs best: blipserve {ours['images_per_s']:.1f} (batch {ours['batch_size']}) / "
+        f"transformers {ref['images_per_s']:.1f} (batch {ref['batch_size']}) = "
+        f"{ours['images_per_s'] / ref['images_per_s']:.2f}x"
     )
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -257,6 +257,16 @@ def test_other_settings_are_refused_until_restart(tiny_checkpoint, folder, tmp_p
     assert (summary.rows, summary.done) == (4, 4)
 
 
+def test_progress_of_an_older_chunking_is_refused(tiny_checkpoint, folder, tmp_path):
+    """Parts written by a blipserve that chunked image files one by one must not be reused."""
+    out = tmp_path / "out"
+    runner.run(spec_for(tiny_checkpoint, folder, out, limit=3), progress_bar=False)
+    manifest = out / ".blipserve" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(ResumeConflict, match="version"):
+        runner.run(spec_for(tiny_checkpoint, folder, out, limit=3), progress_bar=False)
+
+
 @pytest.mark.parametrize(
     ("threshold", "code", "merged"),
     [(-1, 0, True), (3, 0, True), (2, EXIT_THRESHOLD, False), (0, EXIT_THRESHOLD, False)],
