@@ -3,6 +3,7 @@ with the same command, writes the same bytes as a run that was never interrupted
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,5 +109,33 @@ def test_leftovers_of_a_kill_during_the_merge_are_harmless(
     (out / ".blipserve" / "parts" / ".tmp-1-2-000000-00000001.jsonl").write_text("{")
     (out / "predictions.jsonl").write_text("stale\n")
     run_to_end(cmd)
+    assert (out / "predictions.jsonl").read_bytes() == reference["jsonl"]
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_killed_ray_driver_resumes_to_the_same_bytes(tiny_checkpoint, inputs, reference, tmp_path):
+    """The Ray engine's driver (which starts its own local Ray) SIGKILLed with chunks
+    committed and others in flight; the same command run again finishes the job."""
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    cmd = [*command(tiny_checkpoint, inputs, out, "jsonl"), "--engine", "ray", "--threads", "1"]
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        folder = out / ".blipserve" / "parts"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and child.poll() is None:
+            if folder.is_dir() and sum(p.suffix == ".jsonl" for p in folder.iterdir()) >= 2:
+                break
+            time.sleep(0.005)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        committed = len(list(folder.glob("*.jsonl")))
+        assert 2 <= committed < 13  # killed mid-job: 13 chunks in all
+        run_to_end(cmd)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # whatever of the first Ray outlived it
     assert (out / "predictions.jsonl").read_bytes() == reference["jsonl"]
     assert not list(out.rglob(".tmp-*"))
