@@ -1,8 +1,11 @@
-"""The generated scenes committed in ``examples/`` and their right captions."""
+"""The generated scenes committed in ``examples/`` and their right captions, and scenes
+drawn with PIL alone, independently of the generator."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from PIL import Image, ImageDraw
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -11,3 +14,19 @@ def example_captions() -> dict[str, str]:
     """File name -> the scene's one correct caption (from ``examples/captions.tsv``)."""
     lines = (EXAMPLES / "captions.tsv").read_text().splitlines()
     return dict(line.split("\t") for line in lines)
+
+
+def draw(shape: str, color: str, box: tuple[int, int, int, int]) -> Image.Image:
+    """One circle or square on white, drawn with PIL alone (224 x 224)."""
+    image = Image.new("RGB", (224, 224), "white")
+    painter = ImageDraw.Draw(image)
+    (painter.ellipse if shape == "circle" else painter.rectangle)(box, fill=color)
+    return image
+
+
+def red_circle() -> Image.Image:
+    return draw("circle", "red", (85, 85, 139, 139))  # centre, radius 27 of 224: "big"
+
+
+def blue_square() -> Image.Image:
+    return draw("square", "blue", (26, 26, 50, 50))  # top left, small

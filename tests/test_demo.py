@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image, ImageDraw
 
 import blipserve
 from blipserve.resolve import demo_checkpoint
-from tests.examples import EXAMPLES, example_captions
+from tests.examples import EXAMPLES, blue_square, example_captions, red_circle
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +48,11 @@ def test_evaluate_command_meets_the_quality_bar():
     assert report["vqa_accuracy"] >= 0.9, report
 
 
-def draw(shape: str, color: str, box: tuple[int, int, int, int]) -> Image.Image:
-    """A scene drawn with PIL alone, independently of the generator."""
-    image = Image.new("RGB", (224, 224), "white")
-    painter = ImageDraw.Draw(image)
-    (painter.ellipse if shape == "circle" else painter.rectangle)(box, fill=color)
-    return image
-
-
 def test_demo_captions_scenes_drawn_independently(demo):
-    red_circle = draw("circle", "red", (85, 85, 139, 139))  # centre, radius 27 of 224
-    blue_square = draw("square", "blue", (26, 26, 50, 50))  # top left, small
-    assert demo.caption([red_circle, blue_square]) == ["a big red circle", "a small blue square"]
-    assert demo.ask(red_circle, "what color is the circle?") == "red"
-    assert demo.ask(blue_square, "where is the square?") == "top left"
+    circle, square = red_circle(), blue_square()
+    assert demo.caption([circle, square]) == ["a big red circle", "a small blue square"]
+    assert demo.ask(circle, "what color is the circle?") == "red"
+    assert demo.ask(square, "where is the square?") == "top left"
 
 
 def test_cli_uses_the_demo_by_default():

@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "blipserve.api",
+    "load_matcher": "blipserve.matching",
+    "Matcher": "blipserve.matching",
     "Pipeline": "blipserve.api",
     "Generation": "blipserve.api",
     "GenerationParams": "blipserve.engine.params",

@@ -19,8 +19,9 @@ from PIL import Image
 
 from blipserve.engine.generate import SequenceOutput, generate, stream
 from blipserve.engine.params import GenerationParams
-from blipserve.errors import InvalidRequest
+from blipserve.errors import InvalidRequest, UnsupportedModel
 from blipserve.model.blip2 import Blip2Config, Blip2Model
+from blipserve.model.retrieval import is_retrieval_config
 from blipserve.processing.fetch import UrlPolicy
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.images import ImageLimits, load_images
@@ -99,7 +100,14 @@ def load(
     """Load a BLIP-2 checkpoint (``demo``, a local directory or a Hub id) into a Pipeline."""
     directory = resolve_checkpoint(model)
     target = resolve_device(device)
-    config = Blip2Config.from_hf(json.loads((directory / "config.json").read_text()))
+    raw_config = json.loads((directory / "config.json").read_text())
+    if is_retrieval_config(raw_config):
+        raise UnsupportedModel(
+            f"{model} is an image-text matching checkpoint (Blip2ForImageTextRetrieval): it "
+            "scores images against texts but writes no text; load it with "
+            "blipserve.load_matcher"
+        )
+    config = Blip2Config.from_hf(raw_config)
     blip2 = load_model(directory, config, device=target, dtype=resolve_dtype(dtype, target))
     return Pipeline(
         blip2,

@@ -1,4 +1,5 @@
-"""Checkpoint files -> a loaded :class:`Blip2Model`, with every tensor accounted for.
+"""Checkpoint files -> a loaded :class:`Blip2Model` (or :class:`Blip2Retrieval`), with
+every tensor accounted for.
 
 Our modules use the Hugging Face parameter names, so the mapping from checkpoint keys to
 our keys is the identity except for the cases in :data:`SKIPPED` and the legacy
@@ -27,8 +28,10 @@ from safetensors import safe_open
 
 from blipserve.errors import CheckpointError
 from blipserve.model.blip2 import Blip2Config, Blip2Model, keeps_fp32
+from blipserve.model.retrieval import Blip2Retrieval, Blip2RetrievalConfig
 
-# Checkpoint keys we read but do not use, each with the reason. Regexes over full keys.
+# Checkpoint keys we read but a model may not use, each with the reason. Regexes over full
+# keys; a key the model has is always used.
 SKIPPED: dict[str, str] = {
     r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.": (
         "the Q-Former's text feed-forward; OPT checkpoints never feed text to the Q-Former"
@@ -94,17 +97,18 @@ def skip_reason(name: str) -> str | None:
 
 def load_model(
     directory: Path,
-    config: Blip2Config,
+    config: Blip2Config | Blip2RetrievalConfig,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> Blip2Model:
-    """Build a :class:`Blip2Model` from ``directory``'s weight files."""
+) -> Blip2Model | Blip2Retrieval:
+    """Build the model ``config`` describes from ``directory``'s weight files: a
+    :class:`Blip2Model` (captioning) or a :class:`Blip2Retrieval` (image-text matching)."""
     device = torch.device(device)
     with torch.device("meta"):
-        model = Blip2Model(config)
+        model = Blip2Model(config) if isinstance(config, Blip2Config) else Blip2Retrieval(config)
     expected = model.state_dict()  # meta tensors: names and shapes
-    tie_head = config.tie_word_embeddings
+    tie_head = isinstance(config, Blip2Config) and config.tie_word_embeddings
 
     def target_dtype(name: str) -> torch.dtype:
         return torch.float32 if keeps_fp32(name) else dtype
@@ -130,7 +134,7 @@ def load_model(
 
     model.load_state_dict(loaded, strict=True, assign=True)
     if tie_head:
-        model.tie_weights()
+        model.tie_weights()  # type: ignore[operator]
     return model.eval()
 
 
@@ -143,7 +147,7 @@ def checked_tensors(
     source: dict[str, Path] = {}
     for path in checkpoint_files(directory):
         for name, tensor in iter_tensors(path):
-            if skip_reason(name) or (name == TIED_HEAD and tie_head):
+            if (name not in expected and skip_reason(name)) or (name == TIED_HEAD and tie_head):
                 continue
             if legacy := LEGACY_BIAS.match(name):
                 legacy_biases.setdefault(legacy.group(1), {})[legacy.group(2)] = tensor
@@ -151,8 +155,8 @@ def checked_tensors(
                 continue
             if name not in expected:
                 raise CheckpointError(
-                    f"unexpected tensor {name!r} in {path}: it does not belong to a BLIP-2 "
-                    "OPT model with this config.json"
+                    f"unexpected tensor {name!r} in {path}: it does not belong to the BLIP-2 "
+                    "model this config.json describes"
                 )
             _check_shape(name, tensor, expected[name], path)
             yield name, tensor

@@ -1,14 +1,20 @@
 """Querying Transformer: 32 learned queries read the image through cross-attention.
 
-A BERT-style post-LN encoder over the query tokens only (OPT checkpoints never feed
-text to it). Layers ``i % cross_attention_frequency == 0`` also cross-attend to the
-image sequence:
+A BERT-style post-LN encoder. Layers ``i % cross_attention_frequency == 0`` also
+cross-attend to the image sequence. For captioning (OPT checkpoints) it sees the query
+tokens only:
 
     query_tokens (1, 32, 768) --layernorm--> (B, 32, 768)
     each layer:  x = LN(x + self_attn(x))
                  x = LN(x + cross_attn(x, image))      # cross-attention layers only
                  x = LN(x + ffn(x))                    # intermediate_query / output_query
     --> (B, 32, 768)
+
+With ``use_text_input`` (stage 1 and image-text matching checkpoints) text embeddings
+may follow the queries in one sequence ``[queries (Q) | text (T)]``: self-attention
+spans both under a caller's mask (bidirectional, unimodal or causal), only the query
+positions cross-attend to the image, and text positions take their own feed-forward
+(``intermediate`` / ``output``). ``Q == 0`` encodes text alone.
 
 The reference keeps the Q-Former in fp32 whatever the model dtype; :mod:`blip2` casts
 its inputs and outputs. Parameter names match the ``qformer.*`` checkpoint keys.
@@ -37,6 +43,10 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     cross_attention_frequency: int = 2
     encoder_hidden_size: int = 1408
+    # Text input (stage 1 and image-text matching; BERT-base-uncased's vocabulary).
+    use_qformer_text_input: bool = False
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
 
     @classmethod
     def from_hf(cls, d: dict, *, encoder_hidden_size: int) -> QFormerConfig:
@@ -72,8 +82,11 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_size, d)
         self.value = nn.Linear(kv_size, d)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d) attends to context (B, S, kv_size) -> (B, T, d)."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, d) attends to context (B, S, kv_size) -> (B, T, d); ``mask`` is a
+        boolean (B, 1, T, S), True where attending is allowed."""
         b, t, d = x.shape
         q = self.query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = (
@@ -86,7 +99,7 @@ class MultiHeadAttention(nn.Module):
             .view(b, context.shape[1], self.num_heads, self.head_dim)
             .transpose(1, 2)
         )
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
         return out.transpose(1, 2).reshape(b, t, d)
 
 
@@ -108,8 +121,10 @@ class AttentionBlock(nn.Module):
         self.attention = MultiHeadAttention(config, kv_size)
         self.output = ResidualOutput(config.hidden_size, config)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.output(self.attention(x, context), x)
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.output(self.attention(x, context, mask), x)
 
 
 class Intermediate(nn.Module):
@@ -132,12 +147,29 @@ class QFormerLayer(nn.Module):
             self.crossattention = None
         self.intermediate_query = Intermediate(config)
         self.output_query = ResidualOutput(config.intermediate_size, config)
+        if config.use_qformer_text_input:
+            self.intermediate = Intermediate(config)
+            self.output = ResidualOutput(config.intermediate_size, config)
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, x)
-        if self.crossattention is not None:
-            x = self.crossattention(x, image)
-        return self.output_query(self.intermediate_query(x), x)
+    def forward(
+        self,
+        x: torch.Tensor,
+        image: torch.Tensor | None,
+        num_queries: int | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, Q + T, d): ``num_queries`` query positions (all of them when None), then
+        text; ``mask`` (B, 1, Q + T, Q + T) for self-attention -> (B, Q + T, d)."""
+        x = self.attention(x, x, mask)
+        q = x.shape[1] if num_queries is None else num_queries
+        queries, text = x[:, :q], x[:, q:]
+        if q and self.crossattention is not None:
+            queries = self.crossattention(queries, image)
+        queries = self.output_query(self.intermediate_query(queries), queries)
+        if text.shape[1] == 0:
+            return queries
+        text = self.output(self.intermediate(text), text)
+        return torch.cat([queries, text], dim=1)
 
 
 class QFormerEncoder(nn.Module):
@@ -155,9 +187,36 @@ class QFormer(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = QFormerEncoder(config)
 
-    def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """queries (B, Q, d) and image (B, S, d_vision), in this module's dtype -> (B, Q, d)."""
-        x = self.layernorm(queries)
+    def forward(
+        self,
+        queries: torch.Tensor,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """queries (B, Q, d) and image (B, S, d_vision), in this module's dtype -> (B, Q, d).
+
+        With ``text`` (B, T, d) embeddings (see :class:`TextEmbeddings`) and a boolean
+        self-attention ``mask`` (B, 1, Q + T, Q + T): -> (B, Q + T, d). ``Q`` may be 0.
+        """
+        num_queries = queries.shape[1]
+        x = queries if text is None else torch.cat([queries, text.to(queries.dtype)], dim=1)
+        x = self.layernorm(x)
         for layer in self.encoder.layer:
-            x = layer(x, image)
+            x = layer(x, image, num_queries, mask)
         return x
+
+
+class TextEmbeddings(nn.Module):
+    """Word + position embeddings of the Q-Former's text input (the layer norm is the
+    Q-Former's own, applied to queries and text together)."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.word_embeddings(input_ids) + self.position_embeddings(positions)

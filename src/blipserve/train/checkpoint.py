@@ -28,6 +28,7 @@ from torch import nn
 from blipserve.model.blip2 import Blip2Config, Blip2Model, keeps_fp32
 from blipserve.model.opt import OPTForCausalLM
 from blipserve.model.qformer import QFormer, QFormerConfig
+from blipserve.model.retrieval import Blip2Retrieval, Blip2RetrievalConfig
 from blipserve.model.vision import VisionTransformer
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.tokenizer import Tokenizer
@@ -148,6 +149,41 @@ def assemble(
     model.language_projection = _initialised(projection, generator).to(weight.device, weight.dtype)
     if config.tie_word_embeddings:
         model.tie_weights()
+    return model
+
+
+def assemble_retrieval(
+    vision: VisionTransformer,
+    qformer_config: QFormerConfig,
+    num_query_tokens: int = 32,
+    image_text_hidden_size: int = 256,
+    seed: int = 0,
+) -> Blip2Retrieval:
+    """A stage-1 model around ``vision`` (used as it is) with a new text-reading Q-Former,
+    query tokens, text embeddings, projections and matching head, initialised from ``seed``
+    as :func:`assemble` does (embeddings ~ N(0, 0.02) too). Trainable parts are float32."""
+    qformer_config = replace(
+        qformer_config, encoder_hidden_size=vision.config.hidden_size, use_qformer_text_input=True
+    )
+    config = Blip2RetrievalConfig(
+        vision=vision.config,
+        qformer=qformer_config,
+        num_query_tokens=num_query_tokens,
+        image_text_hidden_size=image_text_hidden_size,
+    )
+    device = vision.embeddings.patch_embedding.weight.device
+    with torch.device("meta"):
+        model = Blip2Retrieval(config)
+    model.vision_model = vision
+    generator = torch.Generator().manual_seed(seed)
+    fresh = {name: child for name, child in model.named_children() if name != "vision_model"}
+    for name, child in fresh.items():
+        child = child.to_empty(device="cpu")
+        for embedding in (m for m in child.modules() if isinstance(m, nn.Embedding)):
+            _normal(embedding.weight, generator)
+        setattr(model, name, _initialised(child, generator).to(device))
+    queries = torch.empty(1, num_query_tokens, qformer_config.hidden_size)
+    model.query_tokens = nn.Parameter(_normal(queries, generator).to(device))
     return model
 
 
