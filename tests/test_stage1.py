@@ -168,3 +168,20 @@ def test_captioning_load_refuses_a_matching_checkpoint(trained):
         blipserve.load(str(trained[3]), device="cpu")
     with pytest.raises(UnsupportedModel, match="not an image-text matching"):
         blipserve.load_matcher("demo", device="cpu")
+
+
+def test_match_command_prints_scores_per_image(trained, tmp_path, capsys):
+    from blipserve.cli import main
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    red_circle().save(red)
+    blue_square().save(blue)
+    texts = ["a big red circle", "a small blue square"]
+    argv = ["match", str(red), str(blue), "--model", str(trained[3]), "--device", "cpu", "--itm"]
+    assert main([*argv, "--text", texts[0], "--text", texts[1]]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["best"] for r in records] == texts
+    assert set(records[0]["similarity"]) == set(records[0]["match"]) == set(texts)
+    assert all(0 <= p <= 1 for r in records for p in r["match"].values())
+    assert main(["match", str(red), "--model", "demo", "--text", "a cat"]) == 1
+    assert "not an image-text matching checkpoint" in capsys.readouterr().err

@@ -53,9 +53,50 @@ def build_parser() -> argparse.ArgumentParser:
         add_common_flags(sub)
     add_train_parser(commands)
     add_evaluate_parser(commands)
+    add_match_parser(commands)
     add_serve_parser(commands)
     add_batch_parser(commands)
     return parser
+
+
+def add_match_parser(commands: argparse._SubParsersAction) -> None:
+    match = commands.add_parser(
+        "match", help="score images against texts with an image-text matching checkpoint"
+    )
+    match.add_argument("images", nargs="+", help="image paths or http(s) URLs")
+    match.add_argument(
+        "--text", action="append", required=True, help="a candidate text (repeat the flag)"
+    )
+    match.add_argument(
+        "--model", required=True, help="a matching checkpoint, e.g. Salesforce/blip2-itm-vit-g"
+    )
+    match.add_argument("--itm", action="store_true", help="also P(match) from the ITM head")
+    match.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    match.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+
+
+def run_match(args: argparse.Namespace) -> None:
+    """One JSON line per image: cosine similarity to each text (ITC), the best text, and
+    with ``--itm`` the matching head's probability for each text."""
+    import blipserve
+
+    matcher = blipserve.load_matcher(args.model, device=args.device, dtype=args.dtype)
+    scores = matcher.similarity(args.images, args.text)  # (images, texts)
+    for i, image in enumerate(args.images):
+        row = scores[i].tolist()
+        record: dict[str, Any] = {
+            "image": image,
+            "similarity": dict(zip(args.text, (round(v, 4) for v in row), strict=True)),
+            "best": args.text[max(range(len(row)), key=row.__getitem__)],
+        }
+        if args.itm:
+            probabilities = matcher.match([image] * len(args.text), args.text)
+            record["match"] = dict(
+                zip(args.text, (round(p, 4) for p in probabilities), strict=True)
+            )
+        print(json.dumps(record), flush=True)
 
 
 def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -261,8 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "batch":
             return run_batch(args)
-        if args.command in ("train", "evaluate", "serve"):
-            {"train": run_train, "evaluate": run_evaluate, "serve": run_serve}[args.command](args)
+        if args.command in ("train", "evaluate", "serve", "match"):
+            commands = {
+                "train": run_train,
+                "evaluate": run_evaluate,
+                "serve": run_serve,
+                "match": run_match,
+            }
+            commands[args.command](args)
             return 0
         import blipserve
         from blipserve.processing.fetch import UrlPolicy
