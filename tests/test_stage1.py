@@ -185,3 +185,29 @@ def test_match_command_prints_scores_per_image(trained, tmp_path, capsys):
     assert all(0 <= p <= 1 for r in records for p in r["match"].values())
     assert main(["match", str(red), "--model", "demo", "--text", "a cat"]) == 1
     assert "not an image-text matching checkpoint" in capsys.readouterr().err
+
+
+def test_stage2_starts_from_the_stage1_qformer(demo, trained, tmp_path, capsys):
+    """The paper's order: stage 2 begins with stage 1's query tokens and Q-Former."""
+    from blipserve.cli import main
+    from blipserve.train.checkpoint import adopt_stage1_qformer, assemble
+
+    stage1 = trained[0]
+    captioner = assemble(
+        demo.model.vision_model,
+        demo.model.language_model,
+        stage1.config.qformer,
+        num_query_tokens=stage1.config.num_query_tokens,
+    )
+    _, image, _ = scene_data(demo, stage1, 2, seed=7)
+    queries = captioner.query_tokens.expand(2, -1, -1)
+    with torch.no_grad():
+        assert not torch.allclose(captioner.qformer(queries, image), stage1.query_image(image))
+        adopt_stage1_qformer(captioner, stage1)
+        queries = captioner.query_tokens.expand(2, -1, -1)
+        torch.testing.assert_close(captioner.qformer(queries, image), stage1.query_image(image))
+    # The demo's Q-Former has another shape: refused before any training, saying why.
+    argv = ["train", "--model", "demo", "--synthetic", "4", "--steps", "1", "--device", "cpu"]
+    out = ["--output", str(tmp_path / "run"), "--qformer-from", str(trained[3])]
+    assert main([*argv, *out]) == 1
+    assert "does not fit" in capsys.readouterr().err

@@ -152,6 +152,11 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     opt.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
     opt.add_argument("--resume", action="store_true", help="continue the run in --output")
+    train.add_argument(
+        "--qformer-from",
+        metavar="STAGE1_DIR",
+        help="start from a stage-1 (image-text matching) checkpoint's query tokens and Q-Former",
+    )
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     train.add_argument(
         "--dtype",
@@ -197,6 +202,11 @@ def run_train(args: argparse.Namespace) -> None:
     )
     config.validate()
     pipe = blipserve.load(args.model, device=args.device, dtype=args.dtype)
+    if args.qformer_from:
+        from blipserve.train.checkpoint import adopt_stage1_qformer
+
+        matcher = blipserve.load_matcher(args.qformer_from, device=args.device, dtype="float32")
+        adopt_stage1_qformer(pipe.model, matcher.model)
     result = train_stage2(
         pipe.model,
         pipe.tokenizer,

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from blipserve.errors import InvalidRequest
 from blipserve.model.blip2 import Blip2Config, Blip2Model, keeps_fp32
 from blipserve.model.opt import OPTForCausalLM
 from blipserve.model.qformer import QFormer, QFormerConfig
@@ -185,6 +186,24 @@ def assemble_retrieval(
     queries = torch.empty(1, num_query_tokens, qformer_config.hidden_size)
     model.query_tokens = nn.Parameter(_normal(queries, generator).to(device))
     return model
+
+
+def adopt_stage1_qformer(model: Blip2Model, stage1: Blip2Retrieval) -> None:
+    """Start stage 2 where stage 1 ended (the paper's order): copy the query tokens and the
+    Q-Former's query path (attention, cross-attention, query feed-forward) into ``model``;
+    the text-only parts stay behind. The two Q-Formers must have the same shape."""
+    ours = replace(model.config.qformer, use_qformer_text_input=False)
+    theirs = replace(stage1.config.qformer, use_qformer_text_input=False)
+    if ours != theirs or model.query_tokens.shape != stage1.query_tokens.shape:
+        raise InvalidRequest(
+            f"the stage-1 Q-Former ({stage1.config.num_query_tokens} queries, {theirs}) does "
+            f"not fit this model's ({model.config.num_query_tokens} queries, {ours})"
+        )
+    wanted = model.qformer.state_dict()
+    state = {k: v for k, v in stage1.qformer.state_dict().items() if k in wanted}
+    with torch.no_grad():
+        model.qformer.load_state_dict(state, strict=True)
+        model.query_tokens.copy_(stage1.query_tokens)
 
 
 def _initialised(module: nn.Module, generator: torch.Generator) -> nn.Module:
