@@ -211,3 +211,26 @@ def test_stage2_starts_from_the_stage1_qformer(demo, trained, tmp_path, capsys):
     out = ["--output", str(tmp_path / "run"), "--qformer-from", str(trained[3])]
     assert main([*argv, *out]) == 1
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_train_command_runs_stage1_then_stage2_from_it(tmp_path, capsys):
+    """blipserve train --stage 1 on a captioning checkpoint (the demo) writes a matching
+    checkpoint whose Q-Former fits that model, and stage 2 starts from it."""
+    from blipserve.cli import main
+
+    stage1_dir, stage2_dir = tmp_path / "stage1", tmp_path / "stage2"
+    common = ["--model", "demo", "--device", "cpu", "--no-progress", "--batch-size", "8"]
+    argv = ["train", "--stage", "1", *common, "--synthetic", "40", "--steps", "20"]
+    assert main([*argv, "--output", str(stage1_dir)]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["steps"] == 20 and summary["output"] == str(stage1_dir)
+    matcher = blipserve.load_matcher(str(stage1_dir), device="cpu")
+    assert matcher.similarity([red_circle()], ["a big red circle", "a cat"]).shape == (1, 2)
+
+    argv = ["train", *common, "--synthetic", "8", "--steps", "2", "--save-every", "2"]
+    assert main([*argv, "--qformer-from", str(stage1_dir), "--output", str(stage2_dir)]) == 0
+    captioner = blipserve.load(str(stage2_dir), device="cpu")
+    assert isinstance(captioner.caption([red_circle()])[0], str)
+    assert main(["train", "--stage", "1", *common, "--synthetic", "4", "--resume",
+                 "--output", str(tmp_path / "x")]) == 1  # fmt: skip
+    assert "not supported with --stage 1" in capsys.readouterr().err

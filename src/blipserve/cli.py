@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from blipserve.batch.main import add_batch_parser, run_batch
@@ -57,6 +58,64 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_batch_parser(commands)
     return parser
+
+
+def run_train_stage1(args: argparse.Namespace) -> None:
+    """Stage 1 on the captions of the examples (prompted rows, e.g. VQA, are left out), from
+    a matching checkpoint or from a captioning checkpoint's image encoder and Q-Former shape
+    (a fresh Q-Former; its text vocabulary is the checkpoint's tokenizer plus [CLS], [DEC])."""
+    import blipserve
+    from blipserve.model.retrieval import is_retrieval_config
+    from blipserve.resolve import resolve_checkpoint
+    from blipserve.train.checkpoint import assemble_retrieval
+    from blipserve.train.stage1 import (
+        EncodedImages,
+        Stage1Config,
+        TextCodec,
+        save_stage1,
+        train_stage1,
+    )
+
+    for flag, given in (("--resume", args.resume), ("--eval-data", args.eval_data)):
+        if given:
+            raise BlipserveError(f"{flag} is not supported with --stage 1 yet")
+    examples = [e for e in training_examples(args) if not e.prompt]
+    if len(examples) < 2:
+        raise BlipserveError("stage 1 needs at least two captions without a prompt")
+    directory = resolve_checkpoint(args.model)
+    if is_retrieval_config(json.loads((directory / "config.json").read_text())):
+        matcher = blipserve.load_matcher(args.model, device=args.device, dtype=args.dtype)
+        model, codec, processor = matcher.model, matcher.codec, matcher.image_processor
+    else:
+        pipe = blipserve.load(args.model, device=args.device, dtype=args.dtype)
+        backend = pipe.tokenizer.backend
+        size = backend.get_vocab_size()
+        codec = TextCodec(
+            backend, cls_id=size, dec_id=size + 1, pad_id=pipe.tokenizer.pad_token_id or 0
+        )
+        config = pipe.model.config
+        qformer = replace(config.qformer, vocab_size=size + 2)
+        model = assemble_retrieval(
+            pipe.model.vision_model,
+            qformer,
+            num_query_tokens=config.num_query_tokens,
+            seed=args.seed,
+        )
+        processor = pipe.image_processor
+    settings = Stage1Config(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+    )
+    images = EncodedImages(examples, model, processor)
+    captions = [e.caption for e in examples]
+    heads, result = train_stage1(model, images, captions, codec, settings)
+    save_stage1(model, heads, codec, args.output, processor)
+    last = result.losses[-1]
+    summary = {"steps": len(result.losses), "itc": last.itc, "itm": last.itm, "itg": last.itg}
+    print(json.dumps({**summary, "output": str(args.output)}), flush=True)
 
 
 def add_match_parser(commands: argparse._SubParsersAction) -> None:
@@ -130,9 +189,17 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
-        "train", help="stage-2 training: fit the Q-Former to image-caption pairs"
+        "train", help="train the Q-Former on image-caption pairs (stage 2, or stage 1)"
     )
     train.add_argument("--model", required=True, help="starting checkpoint directory or Hub id")
+    train.add_argument(
+        "--stage",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="2 (default): fit the Q-Former to a frozen language model; 1: image-text "
+        "contrast, matching and generation without one (writes a matching checkpoint)",
+    )
     train.add_argument("--output", required=True, help="directory for checkpoints and the result")
     data = train.add_argument_group("data")
     data.add_argument("--data", help="caption table (.csv or .jsonl: image, caption[, prompt])")
@@ -181,6 +248,9 @@ def training_examples(args: argparse.Namespace) -> list[TrainExample]:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    if args.stage == 1:
+        run_train_stage1(args)
+        return
     import blipserve
     from blipserve.train.checkpoint import generation_config_of
     from blipserve.train.data import read_caption_table

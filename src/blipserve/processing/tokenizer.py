@@ -139,6 +139,11 @@ class Tokenizer:
         return self._role_id("pad_token")
 
     @property
+    def backend(self) -> RustTokenizer:
+        """The ``tokenizers`` tokenizer underneath (e.g. for the Q-Former's stage-1 text)."""
+        return self._backend
+
+    @property
     def image_token_id(self) -> int | None:
         if self._image_token is None:
             return None

@@ -105,6 +105,19 @@ def generation_config_of(pipe: Pipeline) -> dict[str, Any]:
     }
 
 
+# The Q-Former settings that shape its query path (text-only settings may differ).
+QUERY_PATH_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "cross_attention_frequency",
+    "encoder_hidden_size",
+)
+
+
 # -- a fresh model from pre-trained parts ----------------------------------------------------
 
 
@@ -192,18 +205,27 @@ def adopt_stage1_qformer(model: Blip2Model, stage1: Blip2Retrieval) -> None:
     """Start stage 2 where stage 1 ended (the paper's order): copy the query tokens and the
     Q-Former's query path (attention, cross-attention, query feed-forward) into ``model``;
     the text-only parts stay behind. The two Q-Formers must have the same shape."""
-    ours = replace(model.config.qformer, use_qformer_text_input=False)
-    theirs = replace(stage1.config.qformer, use_qformer_text_input=False)
-    if ours != theirs or model.query_tokens.shape != stage1.query_tokens.shape:
+    ours, theirs = model.config.qformer, stage1.config.qformer
+    differ = [f for f in QUERY_PATH_FIELDS if getattr(ours, f) != getattr(theirs, f)]
+    if model.query_tokens.shape != stage1.query_tokens.shape:
+        differ.append("num_query_tokens")
+    if differ:
+        shown = ", ".join(
+            f"{f} {_shape_field(stage1, f)} vs {_shape_field(model, f)}" for f in differ
+        )
         raise InvalidRequest(
-            f"the stage-1 Q-Former ({stage1.config.num_query_tokens} queries, {theirs}) does "
-            f"not fit this model's ({model.config.num_query_tokens} queries, {ours})"
+            f"the stage-1 Q-Former does not fit this model's (stage 1 vs this model: {shown})"
         )
     wanted = model.qformer.state_dict()
     state = {k: v for k, v in stage1.qformer.state_dict().items() if k in wanted}
     with torch.no_grad():
         model.qformer.load_state_dict(state, strict=True)
         model.query_tokens.copy_(stage1.query_tokens)
+
+
+def _shape_field(model: Blip2Model | Blip2Retrieval, name: str) -> Any:
+    source = model.config if name == "num_query_tokens" else model.config.qformer
+    return getattr(source, name)
 
 
 def _initialised(module: nn.Module, generator: torch.Generator) -> nn.Module:

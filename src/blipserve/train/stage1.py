@@ -39,10 +39,12 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as RustTokenizer
 from torch import nn
 
-from blipserve.errors import CheckpointError
+from blipserve.errors import CheckpointError, InvalidImage
 from blipserve.model.common import activation
 from blipserve.model.retrieval import Blip2Retrieval, similarity
 from blipserve.processing.image_processor import ImageProcessor
+from blipserve.processing.images import load_image
+from blipserve.train.data import TrainExample
 from blipserve.train.stage2 import build_optimizer, warmup_cosine
 
 HEADS_FILE = "stage1_heads.safetensors"
@@ -256,7 +258,7 @@ def stage1_losses(
 
 def train_stage1(
     model: Blip2Retrieval,
-    images: torch.Tensor,
+    images: torch.Tensor | EncodedImages,
     texts: Sequence[str],
     codec: TextCodec,
     config: Stage1Config,
@@ -264,9 +266,10 @@ def train_stage1(
     heads: Stage1Heads | None = None,
     on_step: Callable[[int, Stage1Losses], None] | None = None,
 ) -> tuple[Stage1Heads, Stage1Result]:
-    """Train on (image, text) pairs; ``images`` are the frozen encoder's outputs
-    (N, S, d_vision), computed once (see :func:`encode_images`). Returns the heads and the
-    loss history; ``model`` is trained in place."""
+    """Train on (image, text) pairs; ``images[rows]`` gives the frozen encoder's outputs
+    (B, S, d_vision): a tensor computed once (:func:`encode_images`) or
+    :class:`EncodedImages`. Returns the heads and the loss history; ``model`` is trained
+    in place."""
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     if len(texts) < 2:
@@ -310,15 +313,49 @@ def train_stage1(
     return heads, result
 
 
+class EncodedImages:
+    """Training images encoded when a batch asks for them: ``images[rows]`` -> (B, S,
+    d_vision) frozen encoder outputs, so memory does not grow with the dataset (a
+    precomputed tensor of encoder outputs serves the same role for small sets)."""
+
+    def __init__(
+        self,
+        examples: Sequence[TrainExample],
+        model: Blip2Retrieval,
+        image_processor: ImageProcessor,
+        *,
+        exif_transpose: bool = True,
+    ) -> None:
+        self.examples = list(examples)
+        self.model = model
+        self.image_processor = image_processor
+        self.exif_transpose = exif_transpose
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        pixels = []
+        for i in rows.tolist():
+            example = self.examples[i]
+            try:
+                image = load_image(example.image, exif_transpose=self.exif_transpose)
+            except InvalidImage as err:
+                where = example.origin or f"training example {i}"
+                raise InvalidImage(f"{where}: {err.reason}") from err
+            pixels.append(self.image_processor.preprocess_one(image))
+        return encode_images(self.model, torch.stack(pixels))
+
+
 @torch.no_grad()
 def encode_images(
     model: Blip2Retrieval, pixels: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """(N, 3, H, W) pixels -> (N, S, d_vision) frozen image-encoder outputs, on the CPU."""
+    """(N, 3, H, W) pixels -> (N, S, d_vision) frozen image-encoder outputs, float32."""
     device = model.query_tokens.device
     dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
     parts = [
-        model.vision_model(pixels[i : i + batch_size].to(device, dtype)).float().cpu()
+        model.vision_model(pixels[i : i + batch_size].to(device, dtype)).float()
         for i in range(0, len(pixels), batch_size)
     ]
     return torch.cat(parts)
