@@ -28,11 +28,13 @@ def test_public_api_is_pinned():
         "GenerationParams",
         "InvalidImage",
         "InvalidRequest",
+        "Matcher",
         "ModelNotFound",
         "Pipeline",
         "UnsupportedModel",
         "__version__",
         "load",
+        "load_matcher",
     ]
     for name in blipserve.__all__:
         assert getattr(blipserve, name) is not None
