@@ -21,8 +21,9 @@ The trained model is a :class:`Blip2Retrieval`, saved in the layout of transform
 ``blipserve`` and transformers load; the temperature and the ITG head, which that layout
 lacks, go to ``stage1_heads.safetensors`` beside it.
 
-Differences from the paper, stated: no label smoothing in ITG (the paper uses 0.1), no
-dropout, hard negatives drawn within the batch of one process (no all-gather).
+Differences from LAVIS, stated: label smoothing off by default (LAVIS: 0.1 in ITC and ITG;
+``label_smoothing`` sets it), no dropout, hard negatives drawn within the batch of one
+process (no all-gather).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Stage1Config:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     max_grad_norm: float | None = None  # LAVIS does not clip in stage 1
+    label_smoothing: float = 0.0  # LAVIS: 0.1 in ITC and ITG (see docs/stage1.md)
     seed: int = 0
 
 
@@ -202,6 +204,7 @@ def stage1_losses(
     same_text: torch.Tensor,
     dec_id: int,
     generator: torch.Generator,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The three stage-1 losses for a batch of pairs.
 
@@ -252,7 +255,11 @@ def stage1_losses(
     hidden = model.qformer(queries, image, text, itg_mask(attention_mask, q))[:, q:]  # (B, T, d)
     logits = heads.logits(hidden[:, :-1])  # predicts tokens 1..T-1
     labels_itg = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    itg = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_itg.reshape(-1))
+    itg = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels_itg.reshape(-1),
+        label_smoothing=label_smoothing,
+    )
     return {"itc": itc, "itm": itm, "itg": itg}
 
 
@@ -294,7 +301,15 @@ def train_stage1(
         ids, mask = ids_all[rows, :width].to(device), mask_all[rows, :width].to(device)
         same = (text_index[rows][:, None] == text_index[rows][None, :]).to(device)
         losses = stage1_losses(
-            model, heads, images[rows].to(device), ids, mask, same, codec.dec_id, sampling
+            model,
+            heads,
+            images[rows].to(device),
+            ids,
+            mask,
+            same,
+            codec.dec_id,
+            sampling,
+            config.label_smoothing,
         )
         total = losses["itc"] + losses["itm"] + losses["itg"]
         if not math.isfinite(total.item()):
