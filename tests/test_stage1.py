@@ -5,6 +5,7 @@ and the saved model loads in blipserve and in transformers with the same scores.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from blipserve.train.stage1 import (
     encode_images,
     itg_mask,
     save_stage1,
+    stage1_start,
     train_stage1,
 )
 from tests.examples import blue_square, red_circle
@@ -234,3 +236,23 @@ def test_train_command_runs_stage1_then_stage2_from_it(tmp_path, capsys):
     assert main(["train", "--stage", "1", *common, "--synthetic", "4", "--resume",
                  "--output", str(tmp_path / "x")]) == 1  # fmt: skip
     assert "not supported with --stage 1" in capsys.readouterr().err
+
+
+def test_stage1_continues_a_matching_checkpoint_loaded_in_bfloat16(trained):
+    """Frozen encoder in bf16, trained parts float32, and a step that runs."""
+    model, codec, processor = stage1_start(str(trained[3]), device="cpu", dtype="bfloat16")
+    assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("vision_model.")]
+    assert {p.dtype for p in trainable} == {torch.float32}
+    pixels = torch.stack(
+        [processor.preprocess_one(red_circle()), processor.preprocess_one(blue_square())]
+    )
+    images = encode_images(model, pixels)
+    _, result = train_stage1(
+        model,
+        images,
+        ["a big red circle", "a small blue square"],
+        codec,
+        Stage1Config(max_steps=2, batch_size=2),
+    )
+    assert len(result.losses) == 2 and all(math.isfinite(r.total) for r in result.losses)

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from blipserve.batch.main import add_batch_parser, run_batch
@@ -64,15 +63,11 @@ def run_train_stage1(args: argparse.Namespace) -> None:
     """Stage 1 on the captions of the examples (prompted rows, e.g. VQA, are left out), from
     a matching checkpoint or from a captioning checkpoint's image encoder and Q-Former shape
     (a fresh Q-Former; its text vocabulary is the checkpoint's tokenizer plus [CLS], [DEC])."""
-    import blipserve
-    from blipserve.model.retrieval import is_retrieval_config
-    from blipserve.resolve import resolve_checkpoint
-    from blipserve.train.checkpoint import assemble_retrieval
     from blipserve.train.stage1 import (
         EncodedImages,
         Stage1Config,
-        TextCodec,
         save_stage1,
+        stage1_start,
         train_stage1,
     )
 
@@ -82,26 +77,9 @@ def run_train_stage1(args: argparse.Namespace) -> None:
     examples = [e for e in training_examples(args) if not e.prompt]
     if len(examples) < 2:
         raise BlipserveError("stage 1 needs at least two captions without a prompt")
-    directory = resolve_checkpoint(args.model)
-    if is_retrieval_config(json.loads((directory / "config.json").read_text())):
-        matcher = blipserve.load_matcher(args.model, device=args.device, dtype=args.dtype)
-        model, codec, processor = matcher.model, matcher.codec, matcher.image_processor
-    else:
-        pipe = blipserve.load(args.model, device=args.device, dtype=args.dtype)
-        backend = pipe.tokenizer.backend
-        size = backend.get_vocab_size()
-        codec = TextCodec(
-            backend, cls_id=size, dec_id=size + 1, pad_id=pipe.tokenizer.pad_token_id or 0
-        )
-        config = pipe.model.config
-        qformer = replace(config.qformer, vocab_size=size + 2)
-        model = assemble_retrieval(
-            pipe.model.vision_model,
-            qformer,
-            num_query_tokens=config.num_query_tokens,
-            seed=args.seed,
-        )
-        processor = pipe.image_processor
+    model, codec, processor = stage1_start(
+        args.model, device=args.device, dtype=args.dtype, seed=args.seed
+    )
     settings = Stage1Config(
         max_steps=args.steps,
         batch_size=args.batch_size,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -170,6 +170,41 @@ class Stage1Heads(nn.Module):
 
     def own_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("word_embeddings")}
+
+
+def stage1_start(
+    checkpoint: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0
+) -> tuple[Blip2Retrieval, TextCodec, ImageProcessor]:
+    """What stage 1 trains, from ``checkpoint``: a matching checkpoint as it is, or a
+    captioning checkpoint's image encoder with a fresh Q-Former of its shape, whose text
+    vocabulary is the checkpoint's tokenizer plus ``[CLS]`` and ``[DEC]`` (so the result
+    fits that checkpoint again for stage 2)."""
+    import blipserve
+    from blipserve.model.retrieval import is_retrieval_config
+    from blipserve.resolve import resolve_checkpoint
+    from blipserve.train.checkpoint import assemble_retrieval
+
+    directory = resolve_checkpoint(checkpoint)
+    if is_retrieval_config(json.loads((directory / "config.json").read_text())):
+        matcher = blipserve.load_matcher(checkpoint, device=device, dtype=dtype)
+        for name, child in matcher.model.named_children():
+            if name != "vision_model":
+                child.float()  # trained parts keep float32 master weights
+        return matcher.model, matcher.codec, matcher.image_processor
+    pipe = blipserve.load(checkpoint, device=device, dtype=dtype)
+    backend = pipe.tokenizer.backend
+    size = backend.get_vocab_size()
+    codec = TextCodec(
+        backend, cls_id=size, dec_id=size + 1, pad_id=pipe.tokenizer.pad_token_id or 0
+    )
+    config = pipe.model.config
+    model = assemble_retrieval(
+        pipe.model.vision_model,
+        replace(config.qformer, vocab_size=size + 2),
+        num_query_tokens=config.num_query_tokens,
+        seed=seed,
+    )
+    return model, codec, pipe.image_processor
 
 
 def freeze_for_stage1(model: Blip2Retrieval) -> dict[str, nn.Parameter]:
