@@ -29,7 +29,7 @@ from blipserve.model.retrieval import (
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.images import load_images
 from blipserve.resolve import resolve_checkpoint
-from blipserve.train.stage1 import TextCodec
+from blipserve.train.stage1 import TextCodec, encode_images
 from blipserve.weights import load_model
 
 
@@ -66,12 +66,11 @@ class Matcher:
         return self.model.query_tokens.device
 
     def _image_sequence(self, images: Sequence[Any]) -> torch.Tensor:
-        """Images (paths, bytes, base64, URLs, PIL) -> (B, S, d_vision) encoder outputs."""
+        """Images (paths, bytes, base64, URLs, PIL) -> (B, S, d_vision) encoder outputs, float32."""
         if not images:
             raise InvalidRequest("no images given")
         pixels = self.image_processor(load_images(list(images)))  # (B, 3, H, W)
-        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        return self.model.vision_model(pixels.to(self.device, dtype))
+        return encode_images(self.model, pixels)
 
     def _texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):

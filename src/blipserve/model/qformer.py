@@ -10,7 +10,7 @@ tokens only:
                  x = LN(x + ffn(x))                    # intermediate_query / output_query
     --> (B, 32, 768)
 
-With ``use_text_input`` (stage 1 and image-text matching checkpoints) text embeddings
+With ``use_qformer_text_input`` (stage 1 and image-text matching checkpoints) text embeddings
 may follow the queries in one sequence ``[queries (Q) | text (T)]``: self-attention
 spans both under a caller's mask (bidirectional, unimodal or causal), only the query
 positions cross-attend to the image, and text positions take their own feed-forward

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from blipserve.errors import InvalidImage, InvalidRequest
@@ -253,10 +254,7 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> EncodedExample:
         example = self.examples[index]
-        try:
-            image = load_image(example.image, exif_transpose=self.exif_transpose)
-        except InvalidImage as err:
-            raise InvalidImage(f"{_name(example, index)}: {err.reason}") from err
+        image = load_example_image(example, index, exif_transpose=self.exif_transpose)
         pixels = self.image_processor([image])[0]  # (3, H, W)
         input_ids, labels = self.encoded[index]
         return EncodedExample(pixels, input_ids, labels)
@@ -282,6 +280,16 @@ class Collate:
             attention_mask=torch.tensor(attention_mask),
             labels=torch.tensor(labels),
         )
+
+
+def load_example_image(
+    example: TrainExample, index: int, *, exif_transpose: bool = True
+) -> Image.Image:
+    """The example's decoded image; a failure names the example (file and line)."""
+    try:
+        return load_image(example.image, exif_transpose=exif_transpose)
+    except InvalidImage as err:
+        raise InvalidImage(f"{_name(example, index)}: {err.reason}") from err
 
 
 def _name(example: TrainExample, index: int | None = None) -> str:

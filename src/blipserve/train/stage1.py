@@ -40,12 +40,11 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as RustTokenizer
 from torch import nn
 
-from blipserve.errors import CheckpointError, InvalidImage
+from blipserve.errors import CheckpointError
 from blipserve.model.common import activation
 from blipserve.model.retrieval import Blip2Retrieval, similarity
 from blipserve.processing.image_processor import ImageProcessor
-from blipserve.processing.images import load_image
-from blipserve.train.data import TrainExample
+from blipserve.train.data import TrainExample, load_example_image
 from blipserve.train.stage2 import build_optimizer, warmup_cosine
 
 HEADS_FILE = "stage1_heads.safetensors"
@@ -252,8 +251,7 @@ def stage1_losses(
         heads.temperature.clamp_(*TEMPERATURE_RANGE)
 
     # ITC: unimodal passes.
-    query_out = model.query_image(image)  # (B, Q, d)
-    image_feats = F.normalize(model.vision_projection(query_out), dim=-1)  # (B, Q, D)
+    image_feats = model.image_features(image)  # (B, Q, D)
     text_feats = model.text_features(input_ids, attention_mask)  # (B, D)
     sim_i2t = similarity(image_feats, text_feats) / heads.temperature  # (B, B)
     sim_t2i = sim_i2t.t()
@@ -385,15 +383,12 @@ class EncodedImages:
         return len(self.examples)
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-        pixels = []
-        for i in rows.tolist():
-            example = self.examples[i]
-            try:
-                image = load_image(example.image, exif_transpose=self.exif_transpose)
-            except InvalidImage as err:
-                where = example.origin or f"training example {i}"
-                raise InvalidImage(f"{where}: {err.reason}") from err
-            pixels.append(self.image_processor.preprocess_one(image))
+        pixels = [
+            self.image_processor.preprocess_one(
+                load_example_image(self.examples[i], i, exif_transpose=self.exif_transpose)
+            )
+            for i in rows.tolist()
+        ]
         return encode_images(self.model, torch.stack(pixels))
 
 
