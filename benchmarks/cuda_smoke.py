@@ -14,13 +14,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-
-from tests import checkpoints
-from tests.test_parity import PROMPTS, reference_generate
-
 import blipserve
+from blipserve.testing import checkpoints
+from blipserve.testing.reference import PROMPTS, reference_generate
 from photos import photo_batch
 
 

@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import blipserve
-from blipserve.train.checkpoint import generation_config_of
 from blipserve.train.data import TrainExample
 from blipserve.train.stage2 import TrainConfig, train_stage2
 from blipserve.train.synthetic import samples
@@ -52,7 +51,7 @@ def main() -> None:
         examples,
         config,
         output_dir=tempfile.mkdtemp(),
-        generation_config=generation_config_of(pipe),
+        generation_config=pipe.generation_config(),
     )
     seconds = time.perf_counter() - started
     print(

@@ -77,7 +77,7 @@ def run_blipserve(checkpoint: Path, device: str, dtype: torch.dtype, max_new: in
     model = load_model(checkpoint, config, device=device, dtype=dtype)
     pixels = ImageProcessor.from_pretrained(checkpoint)(images()).to(device)
     with torch.inference_mode():
-        prefix = model.encode_images(pixels)
+        prefix = model.image_prefix(pixels)
         lm = model.language_model
         batch = build_prompt_batch(
             lm, prefix, PROMPTS, pad_token_id=PAD_ID, image_token_id=IMAGE_TOKEN_ID

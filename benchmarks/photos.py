@@ -29,8 +29,6 @@ def photo_batch(n: int) -> list[Image.Image]:
 def reference_image_processor(checkpoint):
     """transformers' BLIP image processor for ``checkpoint``, pinned to its PIL backend
     (the one blipserve matches) even where torchvision is installed."""
-    try:
-        from transformers import BlipImageProcessorPil as processor_class
-    except ImportError:  # transformers before the backend split: the plain class is PIL
-        from transformers import BlipImageProcessor as processor_class
-    return processor_class.from_pretrained(checkpoint)
+    from blipserve.testing.reference import ReferenceImageProcessor
+
+    return ReferenceImageProcessor.from_pretrained(checkpoint)

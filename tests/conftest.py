@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests import checkpoints
+import blipserve
+from blipserve.testing import checkpoints
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,3 +46,9 @@ def reference_model(checkpoint_root):
 def tiny_checkpoint(checkpoint_root, reference_model):
     """The reference model saved as a sharded-safetensors checkpoint directory."""
     return checkpoints.save_checkpoint(reference_model, checkpoint_root, "sharded")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    """The tiny checkpoint loaded on CPU in float32 (one per test module)."""
+    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")

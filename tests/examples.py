@@ -1,8 +1,9 @@
-"""The generated scenes committed in ``examples/`` and their right captions, and scenes
-drawn with PIL alone, independently of the generator."""
+"""The generated scenes committed in ``examples/`` and their right captions, scenes drawn
+with PIL alone, independently of the generator, and images as the PNG bytes clients send."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -30,3 +31,13 @@ def red_circle() -> Image.Image:
 
 def blue_square() -> Image.Image:
     return draw("square", "blue", (26, 26, 50, 50))  # top left, small
+
+
+def png_bytes(image: Image.Image | str, size: tuple[int, int] = (8, 8)) -> bytes:
+    """``image`` encoded as PNG (its mode kept); a colour name stands for a plain ``size``
+    RGB image of that colour."""
+    if isinstance(image, str):
+        image = Image.new("RGB", size, image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -6,12 +6,7 @@ import pytest
 import torch
 
 import blipserve
-from blipserve.api import IncrementalDecoder, truncate_at_stop
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+from blipserve.outputs import IncrementalDecoder, truncate_at_stop
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from typing import ClassVar
 
 import pytest
 
-import blipserve
 from blipserve.batch import runner
 from blipserve.batch.job import BatchSpec, make_plan
 from blipserve.batch.main import EXIT_THRESHOLD, main
@@ -23,11 +22,6 @@ from blipserve.batch.sources import InputError, discover, read_chunk, scan_chunk
 from tests.batch_inputs import jpeg_bytes, mixed_folder, write_azure_sample_csv, write_jsonl
 
 GEN = {"max_new_tokens": 6}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

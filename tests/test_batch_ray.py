@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from blipserve.batch import runner
-from blipserve.batch.job import BatchSpec
+from blipserve.batch.job import BatchSpec, RayOptions
 from tests.batch_inputs import mixed_folder
 
 ray = pytest.importorskip("ray")
@@ -43,7 +43,7 @@ def test_ray_output_equals_local_and_resumes(tiny_checkpoint, photos, tmp_path, 
     local = runner.run(
         spec_for(tiny_checkpoint, folder, tmp_path / "local", fmt), progress_bar=False
     )
-    options = runner.RayOptions(workers=1)
+    options = RayOptions(workers=1)
     spec = spec_for(tiny_checkpoint, folder, tmp_path / "ray", fmt)
     summary = runner.run(spec, engine="ray", ray=options, progress_bar=False)
     assert (summary.rows, summary.done, summary.failed) == (local.rows, local.rows, local.failed)
@@ -63,7 +63,7 @@ def test_ray_output_equals_local_and_resumes(tiny_checkpoint, photos, tmp_path, 
 def test_ray_two_workers_and_error_threshold(tiny_checkpoint, photos, tmp_path, local_ray):
     folder = mixed_folder(tmp_path / "in", photos)
     spec = spec_for(tiny_checkpoint, folder, tmp_path / "out", "jsonl")
-    two = runner.RayOptions(workers=2)
+    two = RayOptions(workers=2)
     stopped = runner.run(
         dataclasses.replace(spec, error_threshold=0), engine="ray", ray=two, progress_bar=False
     )

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-import blipserve
-
 
 def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -29,11 +27,6 @@ def photo_files(tmp_path_factory, photos):
         photos[name].save(path, quality=95)
         paths.append(str(path))
     return paths
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
 
 
 def model_flags(checkpoint) -> list[str]:

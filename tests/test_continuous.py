@@ -10,14 +10,10 @@ from blipserve.engine.continuous import ContinuousBatch, DecodeRequest
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def prefixes(pipe, photos):
     names = ["chelsea", "coffee", "astronaut", "china"]
-    return dict(zip(names, pipe.encode_images([photos[n] for n in names]), strict=True))
+    prefix = pipe.image_prefix(pipe.preprocess([photos[n] for n in names]))  # (4, Q, D)
+    return dict(zip(names, prefix, strict=True))
 
 
 def new_batch(pipe) -> ContinuousBatch:

@@ -455,7 +455,7 @@ def test_https_fetches_with_the_url_host_as_server_name(
 NAMESPACE_SCRIPT = """
 from blipserve.errors import InvalidImage
 from blipserve.processing.fetch import fetch_url
-from blipserve.processing.images import ImageLimits
+from blipserve.processing.limits import ImageLimits
 
 for url in ("http://10.0.0.1/cat.png", "http://169.254.169.254/latest/meta-data/"):
     try:

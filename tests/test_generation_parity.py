@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from blipserve.engine.generate import GenerationParams, generate
-from tests.test_opt import left_padded, ours_from, reference_opt
+from blipserve.testing.reference import TINY_OPT, left_padded, ours_from, reference_opt
 
 BOS = 2
 Q = 6
@@ -75,7 +75,8 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup() -> Setup:
     reference = reference_opt(seed=7, tie_word_embeddings=False)
-    prefix = torch.randn(len(PROMPTS), Q, 64, generator=torch.Generator().manual_seed(4))
+    width = TINY_OPT["hidden_size"]
+    prefix = torch.randn(len(PROMPTS), Q, width, generator=torch.Generator().manual_seed(4))
     probe = Setup(reference, ours_from(reference), prefix, eos=[], image=999, pad=1)
     beams = probe.run_ours(max_new_tokens=MAX_NEW, num_beams=4, num_return_sequences=4)
     later = [t for row in beams for ids, _ in row for t in ids[1:]]

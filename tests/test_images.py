@@ -23,7 +23,9 @@ from skimage import data as skdata
 
 from blipserve.errors import InvalidImage
 from blipserve.processing.fetch import UrlPolicy, fetch_url
-from blipserve.processing.images import ImageLimits, load_image, load_images
+from blipserve.processing.images import load_image, load_images
+from blipserve.processing.limits import ImageLimits
+from tests.examples import png_bytes
 from tests.live_server import free_port
 
 LOCAL = UrlPolicy(allow_private=True)  # the test server listens on 127.0.0.1
@@ -38,14 +40,14 @@ def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 PIXELS = skdata.chelsea()[:96, :128]  # (96, 128, 3) uint8, a real photo crop
 
 
-def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+def encode_jpeg(image: Image.Image, **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
+    image.save(buffer, format="JPEG", **options)
     return buffer.getvalue()
 
 
-PNG = encode(Image.fromarray(PIXELS))
-JPEG = encode(Image.fromarray(PIXELS), "JPEG", quality=90)
+PNG = png_bytes(Image.fromarray(PIXELS))
+JPEG = encode_jpeg(Image.fromarray(PIXELS), quality=90)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -180,9 +182,9 @@ def test_every_input_form_gives_the_same_pixels(tmp_path: Path, server: str) -> 
 
 def test_images_keep_their_own_mode() -> None:
     gray = Image.fromarray(skdata.camera()[:64, :64])
-    assert load_image(encode(gray)).mode == "L"
-    assert load_image(encode(gray.convert("RGBA"))).mode == "RGBA"
-    assert load_image(encode(gray.quantize(16))).mode == "P"
+    assert load_image(png_bytes(gray)).mode == "L"
+    assert load_image(png_bytes(gray.convert("RGBA"))).mode == "RGBA"
+    assert load_image(png_bytes(gray.quantize(16))).mode == "P"
     assert load_image(np.zeros((8, 8, 4), np.uint8)).mode == "RGBA"
     assert load_image(np.zeros((8, 8), np.uint8)).mode == "L"
 
@@ -201,7 +203,7 @@ def jpeg_with_orientation(orientation: int) -> bytes:
     image = Image.fromarray(PIXELS)  # 128 wide, 96 tall
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+    return encode_jpeg(image, quality=95, exif=exif.tobytes())
 
 
 def test_exif_orientation_applied_by_default() -> None:
@@ -399,7 +401,5 @@ def test_paths_can_be_refused_for_client_strings(tmp_path):
     with pytest.raises(InvalidImage) as err:
         load_image(str(text), allow_paths=False)
     assert "secret" not in str(err.value)
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), "blue").save(buffer, format="PNG")
-    encoded = base64.b64encode(buffer.getvalue()).decode()
+    encoded = base64.b64encode(png_bytes("blue", (8, 8))).decode()
     assert load_image(encoded, allow_paths=False).size == (8, 8)

@@ -16,7 +16,7 @@ import blipserve
 from blipserve.errors import CheckpointError, ModelNotFound, UnsupportedModel
 from blipserve.model.blip2 import Blip2Config
 from blipserve.resolve import resolve_checkpoint
-from tests import checkpoints
+from blipserve.testing import checkpoints
 
 
 @pytest.fixture

@@ -11,54 +11,7 @@ import transformers
 from blipserve.engine.kv_cache import KVCache
 from blipserve.errors import UnsupportedModel
 from blipserve.model.opt import OPTConfig, OPTForCausalLM
-
-TINY = dict(
-    vocab_size=1000,
-    hidden_size=64,
-    ffn_dim=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-    pad_token_id=1,
-    bos_token_id=2,
-    eos_token_id=2,
-)
-
-
-def reference_opt(seed: int = 0, head_std: float = 0.3, **overrides) -> transformers.OPTForCausalLM:
-    """A tiny reference OPT with seeded weights large enough for confident logits.
-
-    ``head_std`` scales an untied ``lm_head`` (``tie_word_embeddings=False``): about 0.3
-    gives logits with clear winners that still vary from step to step.
-    """
-    torch.manual_seed(seed)
-    model = transformers.OPTForCausalLM(transformers.OPTConfig(**{**TINY, **overrides}))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                std, mean = 0.1, (1.0 if name.endswith("weight") else 0.0)
-            else:
-                std = 1.0 if "embed" in name else head_std if name == "lm_head.weight" else 0.1
-                mean = 0.0
-            p.copy_(mean + std * torch.randn(p.shape, generator=generator))
-    return model.eval()
-
-
-def ours_from(reference: transformers.OPTForCausalLM) -> OPTForCausalLM:
-    """Our model loaded from the reference state dict, built on the meta device."""
-    config = OPTConfig.from_hf(reference.config.to_dict())
-    with torch.device("meta"):
-        model = OPTForCausalLM(config)
-    model.load_state_dict(reference.state_dict(), assign=True, strict=True)
-    return model.eval()
-
-
-def left_padded(prompts: list[list[int]], pad: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+from blipserve.testing.reference import TINY_OPT, left_padded, ours_from, reference_opt
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +27,7 @@ def test_state_dict_names_and_shapes_match_reference():
     theirs = {k: v.shape for k, v in reference.state_dict().items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
     table = ours.model.decoder.embed_positions.weight
-    assert table.shape == (TINY["max_position_embeddings"] + 2, 64)
+    assert table.shape == (TINY_OPT["max_position_embeddings"] + 2, TINY_OPT["hidden_size"])
 
 
 def test_logits_match_reference_on_left_padded_batch():
@@ -96,7 +49,7 @@ def test_last_only_gives_the_last_row():
     with torch.no_grad():
         full = ours(ours.embed_tokens(ids), positions(mask), mask.bool())
         last = ours(ours.embed_tokens(ids), positions(mask), mask.bool(), last_only=True)
-    assert last.shape == (3, 1, TINY["vocab_size"])
+    assert last.shape == (3, 1, TINY_OPT["vocab_size"])
     torch.testing.assert_close(last[:, 0], full[:, -1])
 
 

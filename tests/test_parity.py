@@ -12,52 +12,12 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Blip2Processor
-
-try:  # pin the reference's PIL preprocessing even where torchvision is installed
-    from transformers import BlipImageProcessorPil as ReferenceImageProcessor
-except ImportError:  # transformers before the backend split: the plain class is the PIL one
-    from transformers import BlipImageProcessor as ReferenceImageProcessor
 
 import blipserve
-from tests import checkpoints
+from blipserve.testing import checkpoints
+from blipserve.testing.reference import PROMPTS, reference_generate
 
-PROMPTS = [
-    "",
-    "a photo of",
-    "Question: what is in the picture? Answer:",
-    "Question: which city is this? Answer:",
-]
 PHOTOS = ["chelsea", "coffee", "astronaut", "china"]
-
-
-def reference_generate(model, directory, images, prompts, **gen) -> list[list[list[int]]]:
-    """New token ids per image (``num_return_sequences`` each), as transformers makes them."""
-    tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
-    processor = Blip2Processor(
-        image_processor=ReferenceImageProcessor.from_pretrained(directory),
-        tokenizer=tokenizer,
-        num_query_tokens=model.config.num_query_tokens,
-    )
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    inputs = inputs.to(model.device)
-    with torch.no_grad():
-        out = model.generate(**inputs, **gen)
-    new = out[:, inputs["input_ids"].shape[1] :]
-    eos = gen.get("eos_token_id", model.config.text_config.eos_token_id)
-    pad = model.config.text_config.pad_token_id
-    rows = [strip_padding(row.tolist(), eos, pad) for row in new]
-    n = gen.get("num_return_sequences", 1)
-    return [rows[i : i + n] for i in range(0, len(rows), n)]
-
-
-def strip_padding(ids: list[int], eos: int, pad: int) -> list[int]:
-    """transformers pads finished rows; a row ends at its eos, or at the first pad."""
-    if eos in ids:
-        return ids[: ids.index(eos) + 1]
-    while ids and ids[-1] == pad:
-        ids = ids[:-1]
-    return ids
 
 
 def our_generate(pipe, images, prompts, **gen) -> list[list[list[int]]]:
@@ -124,7 +84,7 @@ def test_prefix_embeddings_match_reference(reference_model, tiny_checkpoint, bat
     pixels = pipe.preprocess(images)
     with torch.no_grad():
         reference = reference_model.get_image_features(pixels).pooler_output
-    ours = pipe.encode_images(images)
+    ours = pipe.image_prefix(pipe.preprocess(images))
     assert ours.shape == reference.shape == (4, reference_model.config.num_query_tokens, 32)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
@@ -191,7 +151,7 @@ def test_bfloat16_as_close_to_float32_as_reference(
     with torch.no_grad():
         theirs = reference.get_image_features(pixels.to(torch.bfloat16)).pooler_output.float()
     ref_tokens = reference_generate(reference, tiny_checkpoint, images, prompts, max_new_tokens=12)
-    ours = pipe.encode_images(images)
+    ours = pipe.image_prefix(pipe.preprocess(images))
     assert ours.dtype == torch.bfloat16
     our_error, their_error = (ours.float() - exact).abs(), (theirs - exact).abs()
     assert our_error.mean() <= 1.25 * their_error.mean(), (our_error.mean(), their_error.mean())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blipserve.model.opt import OPTConfig
 from blipserve.model.vision import VisionConfig
 from blipserve.processing.image_processor import BLIP2_PREPROCESSOR_CONFIG, ImageProcessor
 from blipserve.processing.tokenizer import Tokenizer
+from blipserve.testing.reference import tiny_opt_config
 from blipserve.train.bpe import write_bpe_tokenizer
 from blipserve.train.demo import _text_pairs
 from blipserve.train.pretrain import (
@@ -62,11 +62,9 @@ def test_tokenizer_without_cell_tokens_is_refused(tmp_path):
 def test_language_model_pretraining_lowers_the_target_loss(tmp_path):
     torch.set_num_threads(1)
     tokenizer = scene_tokenizer(tmp_path)
-    config = OPTConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
-        eos_token_id=tokenizer.encode("\n")[1],
-    )  # fmt: skip
+    config = tiny_opt_config(
+        vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.encode("\n")[1]
+    )  # the scene tokenizer's vocabulary and "\n" eos
     triples = _text_pairs(40, 1)
     _, early = pretrain_language_model(config, tokenizer, triples, PretrainSettings(3, 16, 3e-3))
     _, late = pretrain_language_model(config, tokenizer, triples, PretrainSettings(60, 16, 3e-3))

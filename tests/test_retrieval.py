@@ -16,8 +16,8 @@ from blipserve.model.retrieval import (
     is_retrieval_config,
     similarity,
 )
+from blipserve.testing.checkpoints import randomize
 from blipserve.weights import load_model
-from tests.checkpoints import randomize
 
 VOCAB = 120
 

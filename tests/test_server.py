@@ -4,23 +4,17 @@ batching and overload, against a tiny random checkpoint and real photos."""
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import time
 
 import httpx
 import pytest
-from PIL import Image
 
 import blipserve
 from blipserve.server.app import create_app
 from blipserve.server.settings import ServerSettings
+from tests.examples import png_bytes
 from tests.live_server import live_server
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +25,7 @@ def server(pipe):
 
 @pytest.fixture(scope="module")
 def pngs(photos) -> dict[str, bytes]:
-    out = {}
-    for name, image in photos.items():
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        out[name] = buffer.getvalue()
-    return out
+    return {name: png_bytes(image) for name, image in photos.items()}
 
 
 def mime(data: bytes) -> str:
@@ -184,9 +173,7 @@ def test_protocol_errors(server, pngs):
 def test_body_limit_and_auth(pipe, pngs):
     settings = ServerSettings(model="tiny", api_key="s3cret", max_body_mb=0.05)
     with live_server(create_app(settings, pipe=pipe)) as url:
-        tiny = io.BytesIO()
-        Image.new("RGB", (32, 32), "red").save(tiny, format="PNG")
-        small = {"input_data": split([[mime(tiny.getvalue())]])}
+        small = {"input_data": split([[mime(png_bytes("red", (32, 32)))]])}
         assert httpx.post(url + "/score", json=small).status_code == 401
         wrong = httpx.post(url + "/score", json=small, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"

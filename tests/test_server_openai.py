@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import time
 
@@ -14,20 +13,15 @@ import openai
 import pytest
 from openai import OpenAI
 
-import blipserve
 from blipserve.errors import InvalidRequest
 from blipserve.processing.prompts import chat_prompt
 from blipserve.server import openai as routes
 from blipserve.server.app import create_app
 from blipserve.server.settings import ServerSettings
+from tests.examples import png_bytes
 from tests.live_server import live_server
 
 QUESTION = "What is in the picture?"
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    return blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +40,10 @@ def client(served) -> OpenAI:
 @pytest.fixture(scope="module")
 def urls(photos) -> dict[str, str]:
     """The photos as data URLs (PNG: the server decodes the same pixels)."""
-    out = {}
-    for name, image in photos.items():
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        out[name] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return out
+    return {
+        name: "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+        for name, image in photos.items()
+    }
 
 
 def image_part(url: str) -> dict:

@@ -15,13 +15,12 @@ import blipserve
 from blipserve.errors import UnsupportedModel
 from blipserve.model.qformer import QFormerConfig
 from blipserve.model.retrieval import similarity
+from blipserve.processing.qformer_text import TextCodec
 from blipserve.resolve import resolve_checkpoint
 from blipserve.train import synthetic
 from blipserve.train.checkpoint import assemble_retrieval
 from blipserve.train.stage1 import (
     Stage1Config,
-    TextCodec,
-    encode_images,
     itg_mask,
     save_stage1,
     stage1_start,
@@ -75,7 +74,7 @@ def scene_data(demo, model, count: int, seed: int):
     scenes = synthetic.scenes(count, seed)
     images = [synthetic.render(s) for s in scenes]
     pixels = torch.stack([demo.image_processor.preprocess_one(i) for i in images])
-    return images, encode_images(model, pixels), [synthetic.caption(s) for s in scenes]
+    return images, model.vision_features(pixels), [synthetic.caption(s) for s in scenes]
 
 
 def test_itg_text_does_not_see_later_tokens(demo, codec):
@@ -247,7 +246,7 @@ def test_stage1_continues_a_matching_checkpoint_loaded_in_bfloat16(trained):
     pixels = torch.stack(
         [processor.preprocess_one(red_circle()), processor.preprocess_one(blue_square())]
     )
-    images = encode_images(model, pixels)
+    images = model.vision_features(pixels)
     _, result = train_stage1(
         model,
         images,

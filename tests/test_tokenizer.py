@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessorPil
 
 from blipserve.errors import CheckpointError, InvalidRequest
 from blipserve.processing.tokenizer import Tokenizer
-from tests.tokenizer_fixtures import build_test_tokenizer, english_corpus
+from blipserve.testing.tokenizers import build_test_tokenizer, english_corpus
 
 # name -> (with_tokenizer_json, legacy_config)
 LAYOUTS = {

@@ -9,7 +9,6 @@ transformers' ``from_pretrained`` + ``generate``.
 from __future__ import annotations
 
 import base64
-import io
 import itertools
 import json
 import os
@@ -25,11 +24,11 @@ import blipserve
 from blipserve.errors import BlipserveError, InvalidRequest
 from blipserve.model.blip2 import Blip2Config, keeps_fp32
 from blipserve.model.qformer import QFormerConfig
+from blipserve.testing.reference import reference_generate
 from blipserve.train import stage2
 from blipserve.train.checkpoint import (
     assemble,
     checkpoint_tensors,
-    generation_config_of,
     save_checkpoint,
 )
 from blipserve.train.data import (
@@ -47,7 +46,7 @@ from blipserve.train.stage2 import (
     train_stage2,
     warmup_cosine,
 )
-from tests.test_parity import reference_generate
+from tests.examples import png_bytes
 
 CAPTIONS = {
     "astronaut": "a woman in a space suit",
@@ -131,7 +130,7 @@ def run_training(pipe, examples, output_dir, **kwargs):
         examples,
         RUN,
         output_dir=output_dir,
-        generation_config=generation_config_of(pipe),
+        generation_config=pipe.generation_config(),
         **kwargs,
     )
 
@@ -340,7 +339,7 @@ def test_bfloat16_model_trains_float32_master_weights(
         examples[:2],
         config,
         output_dir=tmp_path,
-        generation_config=generation_config_of(pipe),
+        generation_config=pipe.generation_config(),
     )
     assert all(torch.isfinite(torch.tensor(result.losses)))
     model = pipe.model
@@ -383,7 +382,7 @@ def test_save_in_bfloat16_keeps_the_qformer_in_float32(tiny_checkpoint, tmp_path
         pipe.tokenizer,
         pipe.image_processor,
         tmp_path,
-        generation_config=generation_config_of(pipe),
+        generation_config=pipe.generation_config(),
         dtype=torch.bfloat16,
     )
     assert json.loads((directory / "config.json").read_text())["dtype"] == "bfloat16"
@@ -430,12 +429,6 @@ def test_bad_settings_are_clear_errors():
 
 
 # -- caption tables ----------------------------------------------------------------------------
-
-
-def png_bytes(color: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_read_csv_and_jsonl_tables(tmp_path):
@@ -523,7 +516,7 @@ def test_train_command_reads_synthetic_scenes_and_tables(tmp_path):
     """``--synthetic N`` adds N generated scenes (a caption and two questions each)."""
     import argparse
 
-    from blipserve.cli import training_examples
+    from blipserve.train.main import training_examples
 
     Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
     (tmp_path / "data.csv").write_text("image,caption\nred.png,a red square\n")

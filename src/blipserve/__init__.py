@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_matcher": "blipserve.matching",
     "Matcher": "blipserve.matching",
     "Pipeline": "blipserve.api",
-    "Generation": "blipserve.api",
+    "Generation": "blipserve.outputs",
     "GenerationParams": "blipserve.engine.params",
     "BlipserveError": "blipserve.errors",
     "CheckpointError": "blipserve.errors",
@@ -33,7 +33,7 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
-    from blipserve.api import Generation, Pipeline, load
+    from blipserve.api import Pipeline, load
     from blipserve.engine.params import GenerationParams
     from blipserve.errors import (
         BlipserveError,
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         ModelNotFound,
         UnsupportedModel,
     )
+    from blipserve.outputs import Generation
 
 
 def __getattr__(name: str) -> Any:

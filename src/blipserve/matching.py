@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from blipserve.api import resolve_device, resolve_dtype
 from blipserve.errors import InvalidRequest, UnsupportedModel
 from blipserve.model.retrieval import (
     Blip2Retrieval,
@@ -28,8 +27,8 @@ from blipserve.model.retrieval import (
 )
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.images import load_images
-from blipserve.resolve import resolve_checkpoint
-from blipserve.train.stage1 import TextCodec, encode_images
+from blipserve.processing.qformer_text import TextCodec
+from blipserve.resolve import resolve_checkpoint, resolve_device, resolve_dtype
 from blipserve.weights import load_model
 
 
@@ -70,7 +69,7 @@ class Matcher:
         if not images:
             raise InvalidRequest("no images given")
         pixels = self.image_processor(load_images(list(images)))  # (B, 3, H, W)
-        return encode_images(self.model, pixels)
+        return self.model.vision_features(pixels)
 
     def _texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):

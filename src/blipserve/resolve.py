@@ -1,6 +1,7 @@
-"""Model names -> a local checkpoint directory.
+"""What a user names -> what loading needs: a checkpoint directory, a torch device and dtype.
 
-A name is resolved in this order:
+Inference (:func:`blipserve.load`, :func:`blipserve.load_matcher`) and training take all
+three from here. A model name is resolved in this order:
 
 1. ``demo``: the small model bundled inside the package (MODEL_CARD.md, docs/demo-model.md);
 2. an existing local path: a directory in the Hugging Face layout (``config.json`` and
@@ -15,12 +16,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from blipserve.errors import ModelNotFound
+import torch
+
+from blipserve.errors import InvalidRequest, ModelNotFound
 
 DEMO_NAME = "demo"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CONFIG_FILES = ["*.json", "*.txt"]  # config, tokenizer, preprocessor, generation config
 WEIGHT_PATTERNS = (["*.safetensors"], ["*.bin"])  # preferred first
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_checkpoint(name: str) -> Path:
@@ -81,3 +85,29 @@ def download_from_hub(repo_id: str) -> Path:
 
 def _first_line(exc: Exception | None) -> str:
     return str(exc).strip().splitlines()[0] if exc and str(exc).strip() else "no details"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): the GPU when CUDA is available, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise InvalidRequest(f"device {device!r} is not a valid torch device") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest(f"device {device!r} was asked for, but CUDA is not available here")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that has it, else float16 on GPU, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} or 'auto'")
+    return DTYPES[dtype]

@@ -7,14 +7,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from blipserve.api import Pipeline, load
 from blipserve.batch.sources import ChunkRef, discover, display_name, plan_chunks
+from blipserve.engine.params import GenerationParams
 from blipserve.errors import BlipserveError, InvalidRequest
-
-if TYPE_CHECKING:
-    from blipserve.api import Pipeline
-    from blipserve.engine.params import GenerationParams
+from blipserve.generation_config import CheckpointDefaults
+from blipserve.model.blip2 import Blip2Config
+from blipserve.processing.fetch import UrlPolicy
+from blipserve.resolve import resolve_checkpoint
 
 
 class ThresholdExceeded(BlipserveError):
@@ -86,11 +88,6 @@ def make_plan(spec: BatchSpec) -> Plan:
 
 def resolve_params(spec: BatchSpec) -> GenerationParams:
     """The generation settings over the checkpoint's defaults, without loading weights."""
-    from blipserve.api import CheckpointDefaults
-    from blipserve.engine.params import GenerationParams
-    from blipserve.model.blip2 import Blip2Config
-    from blipserve.resolve import resolve_checkpoint
-
     directory = resolve_checkpoint(spec.model)
     config = Blip2Config.from_hf(json.loads((directory / "config.json").read_text()))
     defaults = CheckpointDefaults.read(directory, config)
@@ -119,16 +116,22 @@ def manifest(spec: BatchSpec, plan: Plan, params: GenerationParams) -> dict[str,
 
 
 def load_pipeline(spec: BatchSpec) -> Pipeline:
-    import blipserve
-    from blipserve.processing.fetch import UrlPolicy
-
-    return blipserve.load(
+    return load(
         spec.model,
         device=spec.device,
         dtype=spec.dtype,
         exif_transpose=spec.exif_transpose,
         url_policy=UrlPolicy(allow_private=spec.allow_private_urls),
     )
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where the Ray engine runs: a cluster address (None: start a local one) and actors."""
+
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
 
 
 class ErrorBudget:

@@ -29,9 +29,7 @@ from blipserve.api import Pipeline
 from blipserve.batch.job import BatchSpec, ErrorBudget
 from blipserve.batch.progress import Progress, Result
 from blipserve.batch.sources import ChunkRef, Row, read_chunk
-from blipserve.engine.generate import generate
 from blipserve.errors import BlipserveError, InvalidImage
-from blipserve.processing.images import load_image
 
 RETRY_BACKOFF_S = 0.5  # doubled after each failed try, at most RETRY_BACKOFF_MAX_S
 RETRY_BACKOFF_MAX_S = 8.0
@@ -119,16 +117,9 @@ class ChunkProcessor:
     def _pixels(self, row: Row) -> tuple[torch.Tensor | None, str | None]:
         if row.error is not None:
             return None, row.error
-        pipe = self.pipe
         for attempt in range(self.spec.max_retries + 1):
             try:
-                image = load_image(
-                    row.image,
-                    limits=pipe.image_limits,
-                    exif_transpose=pipe.exif_transpose,
-                    url_policy=pipe.url_policy,
-                )
-                return pipe.image_processor.preprocess_one(image), None  # (3, H, W)
+                return self.pipe.image_pixels(row.image), None  # (3, H, W)
             except InvalidImage as err:
                 if attempt == self.spec.max_retries or not is_transient(err):
                     tries = f" (after {attempt + 1} tries)" if attempt else ""
@@ -208,16 +199,12 @@ class ChunkProcessor:
         if on_rows:
             on_rows(len(batch))
 
-    @torch.inference_mode()
-    def generate(self, rows: list[Decoded]) -> list[str | BlipserveError]:
+    def generate(self, rows: list[Decoded]) -> list[str]:
         """Texts for decoded rows: the same as ``Pipeline.generate`` on their images."""
-        pipe, params = self.pipe, self.params
-        pixels = torch.stack([d.pixels for d in rows]).to(pipe.device)  # (B, 3, H, W)
-        prefix = pipe.model.encode_images(pixels)  # (B, Q, d_lm)
-        prompt_ids = pipe.tokenizer.encode_batch([d.row.prompt or "" for d in rows])
-        lm = pipe.model.language_model
-        outputs = generate(lm, prefix, prompt_ids, params, **pipe._engine_options(params))
-        return [pipe._to_generation(row[0], params).text for row in outputs]
+        pixels = torch.stack([d.pixels for d in rows])  # (B, 3, H, W)
+        prompts = [d.row.prompt or "" for d in rows]
+        outputs = self.pipe.generate_from_pixels(pixels, prompts, self.params)
+        return [row[0].text for row in outputs]
 
     def _result(
         self, ref: ChunkRef, i: int, d: Decoded, texts: dict[int, str | None], errors: dict

@@ -12,13 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from blipserve.errors import BlipserveError
+from blipserve.flags import add_inference_flags, generation_options
 
 EXIT_THRESHOLD = 3
 
 
 def add_batch_parser(commands: argparse._SubParsersAction) -> None:
-    from blipserve.cli import add_common_flags
-
     batch = commands.add_parser(
         "batch",
         help="caption or answer questions on a folder of images and tables, resumably",
@@ -27,7 +26,8 @@ def add_batch_parser(commands: argparse._SubParsersAction) -> None:
         "Rerun the same command to resume a stopped run.",
     )
     add_batch_arguments(batch)
-    add_common_flags(batch)
+    add_inference_flags(batch)
+    batch.set_defaults(run=run_batch)
 
 
 def add_batch_arguments(batch: argparse.ArgumentParser) -> None:
@@ -57,9 +57,8 @@ def add_batch_arguments(batch: argparse.ArgumentParser) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    from blipserve.batch import runner
-    from blipserve.batch.job import BatchSpec
-    from blipserve.cli import generation_options
+    from blipserve.batch import runner  # with torch: imported when the command runs
+    from blipserve.batch.job import BatchSpec, RayOptions
 
     spec = BatchSpec(
         input=args.input,
@@ -88,7 +87,7 @@ def run_batch(args: argparse.Namespace) -> int:
                 counts[name] = counts.get(name, 0) + rows
         print(json.dumps({"files": counts, "rows": summary.rows}), flush=True)
         return 0
-    ray = runner.RayOptions(args.address, args.workers, args.gpus_per_worker)
+    ray = RayOptions(args.address, args.workers, args.gpus_per_worker)
     summary = runner.run(
         spec, engine=args.engine, ray=ray, restart=args.restart, progress_bar=not args.no_progress
     )
@@ -103,9 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m blipserve.batch.main``: the batch command without the other commands."""
     parser = argparse.ArgumentParser(prog="blipserve batch")
     add_batch_arguments(parser)
-    from blipserve.cli import add_common_flags
-
-    add_common_flags(parser)
+    add_inference_flags(parser)
     args = parser.parse_args(argv)
     try:
         return run_batch(args)

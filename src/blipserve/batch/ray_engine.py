@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from blipserve.batch.job import BatchSpec, ErrorBudget, Plan
+from blipserve.batch.job import BatchSpec, ErrorBudget, Plan, RayOptions, load_pipeline
+from blipserve.batch.local import ChunkProcessor
 from blipserve.batch.sources import ChunkRef
 
 MAX_ERRORS_REPORTED = 5  # error messages each chunk sends back to the driver
@@ -31,9 +32,6 @@ class ChunkWorker:
     """A Ray Data actor: loads the model once, then processes and commits whole chunks."""
 
     def __init__(self, spec: dict[str, Any], names: list[str], files: list[str]) -> None:
-        from blipserve.batch.job import load_pipeline
-        from blipserve.batch.local import ChunkProcessor
-
         batch_spec = BatchSpec(**spec)
         paths = [Path(f) for f in files]
         self.processor = ChunkProcessor(load_pipeline(batch_spec), batch_spec, names, paths)
@@ -58,7 +56,7 @@ def run_ray(
     plan: Plan,
     pending: list[ChunkRef],
     budget: ErrorBudget,
-    options: Any,
+    options: RayOptions,
     advance: Callable[[int], None],
 ) -> None:
     """Process ``pending`` on Ray; raises ThresholdExceeded once too many rows failed

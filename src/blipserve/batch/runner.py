@@ -6,30 +6,25 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from tqdm import tqdm
 
 from blipserve.batch.job import (
     BatchSpec,
     ErrorBudget,
     Plan,
+    RayOptions,
     ThresholdExceeded,
     load_pipeline,
     make_plan,
     manifest,
     resolve_params,
 )
+from blipserve.batch.local import ChunkProcessor
 from blipserve.batch.progress import Progress, Result
+from blipserve.batch.ray_engine import run_ray
 from blipserve.batch.sinks import write_output
-
-if TYPE_CHECKING:
-    from blipserve.batch.local import ChunkProcessor
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    address: str | None = None
-    workers: int = 1
-    gpus_per_worker: float = 0.0
 
 
 @dataclass
@@ -94,8 +89,6 @@ def run(
             budget.check()
             with bar:
                 if engine == "ray":
-                    from blipserve.batch.ray_engine import run_ray
-
                     run_ray(spec, plan, pending, budget, ray or RayOptions(), bar.advance)
                 elif processor is not None:
                     for _ in processor.run(pending, budget, bar.advance):
@@ -112,8 +105,6 @@ def run(
 
 
 def _local_processor(spec: BatchSpec, plan: Plan) -> ChunkProcessor:
-    from blipserve.batch.local import ChunkProcessor
-
     return ChunkProcessor(load_pipeline(spec), spec, plan.names, plan.files)
 
 
@@ -132,8 +123,6 @@ class _Bar:
 
     def __enter__(self) -> _Bar:
         if self.enabled:
-            from tqdm import tqdm
-
             self.tqdm = tqdm(
                 total=self.total, initial=self.initial, unit="img", desc="batch", smoothing=0.1
             )

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-EarlyStopping = bool | Literal["never"]
+from blipserve.engine.params import EarlyStopping
+
 SENTINEL = -1.0e9  # the reference's "impossible" score
 
 

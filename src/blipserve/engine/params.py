@@ -2,17 +2,20 @@
 
 Defaults are the BLIP-2 checkpoints' (greedy, 20 new tokens); a checkpoint's
 ``generation_config.json`` may override them (:meth:`GenerationParams.checkpoint_keys`).
+Each field's ``help`` metadata is its one-line description: the command line's generation
+flags are made from these fields (:mod:`blipserve.flags`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
-from blipserve.engine.beam_search import EarlyStopping
 from blipserve.errors import InvalidRequest
+
+EarlyStopping = bool | Literal["never"]  # the reference's three beam-search stopping modes
 
 MAX_NEW_TOKENS = 1024
 MAX_BEAMS = 16
@@ -21,6 +24,12 @@ MAX_STOP_STRINGS = 8
 MAX_TEMPERATURE = 100.0
 MIN_SAMPLING_TEMPERATURE = 1e-5  # vLLM's epsilon; near 0, scores / t overflows to NaN probs
 MAX_REPETITION_PENALTY = 100.0
+
+
+def _help(text: str, flag: str | None = None) -> dict[str, str]:
+    """Field metadata: a one-line description, and the command-line flag when it is not the
+    field's own name."""
+    return {"help": text} if flag is None else {"help": text, "flag": flag}
 
 
 @dataclass(frozen=True)
@@ -32,19 +41,36 @@ class GenerationParams:
     ``stop`` strings are matched by the caller's ``stop_checker`` (it owns the tokenizer).
     """
 
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: EarlyStopping = False
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_return_sequences: int = 1
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    max_new_tokens: int = field(
+        default=20, metadata=_help("most tokens to generate (default: the checkpoint's, 20)")
+    )
+    min_new_tokens: int = field(
+        default=0, metadata=_help("fewest tokens before the end-of-text token is allowed")
+    )
+    num_beams: int = field(default=1, metadata=_help("beam search width (1 = greedy or sampling)"))
+    length_penalty: float = field(
+        default=1.0, metadata=_help("beam search: exponent on length when ranking finished beams")
+    )
+    early_stopping: EarlyStopping = field(
+        default=False, metadata=_help("beam search: stop once enough beams end")
+    )
+    do_sample: bool = field(
+        default=False, metadata=_help("sample instead of greedy/beam search", "sample")
+    )
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature (with --sample)"))
+    top_k: int = field(default=50, metadata=_help("sampling: keep the k most likely tokens"))
+    top_p: float = field(
+        default=1.0,
+        metadata=_help("sampling: keep the smallest set of tokens with this total probability"),
+    )
+    repetition_penalty: float = field(
+        default=1.0, metadata=_help("penalise tokens already in the context (>1 discourages)")
+    )
+    num_return_sequences: int = field(
+        default=1, metadata=_help("continuations per image (needs --sample or enough beams)")
+    )
+    seed: int | None = field(default=None, metadata=_help("random seed for sampling"))
+    stop: tuple[str, ...] = field(default=(), metadata=_help("stop string (repeatable)"))
 
     @classmethod
     def checkpoint_keys(cls) -> tuple[str, ...]:

@@ -236,7 +236,7 @@ class Scheduler:
         found = {key: self._prefixes[key] for key in {j.image_key for j in jobs} - missing.keys()}
         if missing:
             pixels = torch.cat(list(missing.values())).to(self.device)  # (M, 3, H, W)
-            encoded = self.model.encode_images(pixels)  # (M, Q, D)
+            encoded = self.model.image_prefix(pixels)  # (M, Q, D)
             for key, prefix in zip(missing, encoded, strict=True):
                 found[key] = prefix
                 self._remember(key, prefix)

@@ -2,7 +2,7 @@
 
 The model owns no generation loop; :mod:`blipserve.engine` drives it. What it offers:
 
-- :meth:`Blip2Model.encode_images` runs the frozen image encoder and the Q-Former once
+- :meth:`Blip2Model.image_prefix` runs the frozen image encoder and the Q-Former once
   per image and returns the 32 prefix embeddings the language model continues from;
 - ``language_model`` is the OPT decoder the engine prefills and steps.
 
@@ -114,7 +114,7 @@ class Blip2Model(nn.Module):
         """The dtype of the frozen image encoder and language model."""
         return self.language_model.lm_head.weight.dtype
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float pixels -> (B, Q, d_lm) prefix embeddings in the model dtype."""
         return self.query_image(self.vision_model(pixel_values))  # from (B, 257, d_vision)
 

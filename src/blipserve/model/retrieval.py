@@ -85,6 +85,18 @@ class Blip2Retrieval(nn.Module):
         self.text_projection = nn.Linear(d, config.image_text_hidden_size)
         self.itm_head = nn.Linear(d, 2)
 
+    @torch.no_grad()
+    def vision_features(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(N, 3, H, W) pixels -> (N, S, d_vision) frozen image-encoder outputs, float32,
+        computed ``batch_size`` images at a time on the model's device."""
+        device = self.query_tokens.device
+        dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        parts = [
+            self.vision_model(pixels[i : i + batch_size].to(device, dtype)).float()
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return torch.cat(parts)
+
     def query_image(self, image: torch.Tensor) -> torch.Tensor:
         """(B, S, d_vision) image sequence -> (B, Q, d) query outputs, float32."""
         queries = self.query_tokens.expand(image.shape[0], -1, -1)

@@ -29,7 +29,7 @@ from email.message import Message
 from typing import IO, Any
 
 from blipserve.errors import InvalidImage
-from blipserve.processing.images import DEFAULT_LIMITS, ImageLimits, _mb, _preview
+from blipserve.processing.limits import DEFAULT_LIMITS, ImageLimits, megabytes, preview
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -304,11 +304,11 @@ def _check_url(url: str) -> None:
             f"unsupported URL scheme {parts.scheme!r}; only http:// and https:// are fetched"
         )
     if not parts.hostname:
-        raise InvalidImage(f"URL has no host: {_preview(url)}")
+        raise InvalidImage(f"URL has no host: {preview(url)}")
     try:
         parts.port  # noqa: B018 (parsing the port is the check)
     except ValueError:
-        raise InvalidImage(f"URL has an invalid port: {_preview(url)}") from None
+        raise InvalidImage(f"URL has an invalid port: {preview(url)}") from None
 
 
 class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
@@ -356,14 +356,14 @@ def _read_capped(response: Any, where: str, limits: ImageLimits) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limits.max_bytes:
         raise InvalidImage(
-            f"{where} is {int(declared)} bytes, over the {_mb(limits.max_bytes)} limit"
+            f"{where} is {int(declared)} bytes, over the {megabytes(limits.max_bytes)} limit"
         )
     deadline = time.monotonic() + limits.total_timeout_s
     body = bytearray()
     while chunk := response.read1(_CHUNK_BYTES):  # read1: whatever arrived, so we see the clock
         body += chunk
         if len(body) > limits.max_bytes:
-            raise InvalidImage(f"{where} is over the {_mb(limits.max_bytes)} limit")
+            raise InvalidImage(f"{where} is over the {megabytes(limits.max_bytes)} limit")
         if time.monotonic() > deadline:
             raise InvalidImage(
                 f"download of {where} took over {limits.total_timeout_s:g} s; gave up",

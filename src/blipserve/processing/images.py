@@ -18,23 +18,15 @@ import io
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blipserve.errors import InvalidImage
-
-if TYPE_CHECKING:
-    from blipserve.processing.fetch import UrlPolicy
-
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size: file, download or decoded base64
-MAX_IMAGE_PIXELS = 40_000_000  # width * height, checked before decoding
-URL_TIMEOUT_S = 10.0  # connect, and each read
-URL_TOTAL_TIMEOUT_S = 30.0  # the whole download, so a trickling server cannot hold a worker
-MAX_REDIRECTS = 3
+from blipserve.processing.fetch import DEFAULT_URL_POLICY, UrlPolicy, fetch_url
+from blipserve.processing.limits import DEFAULT_LIMITS, ImageLimits, megabytes, preview
 
 # Formats we decode. Restricting them keeps PIL away from plugins that shell out (EPS) or are
 # rarely what a client meant to send.
@@ -44,20 +36,6 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{1,4}$")
 # First bytes of the SUPPORTED_FORMATS: JPEG, PNG, GIF, BMP, TIFF (both byte orders), WEBP.
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\0", b"MM\0*", b"RIFF")
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """Limits applied to every image input; the defaults suit a public server."""
-
-    max_bytes: int = MAX_IMAGE_BYTES
-    max_pixels: int = MAX_IMAGE_PIXELS
-    timeout_s: float = URL_TIMEOUT_S
-    total_timeout_s: float = URL_TOTAL_TIMEOUT_S
-    max_redirects: int = MAX_REDIRECTS
-
-
-DEFAULT_LIMITS = ImageLimits()
 
 
 def load_image(
@@ -145,10 +123,10 @@ def _from_string(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -
     if data is not None:
         return _decode_base64_or_path(data, stripped, limits)
     if _looks_like_path(stripped):
-        raise InvalidImage(f"no such file: {_preview(stripped)}")
+        raise InvalidImage(f"no such file: {preview(stripped)}")
     raise InvalidImage(
         f"not a file path, URL or base64 image (got {len(stripped)} characters: "
-        f"{_preview(stripped)})"
+        f"{preview(stripped)})"
     )
 
 
@@ -165,7 +143,7 @@ def _from_client_string(
     if data is None:
         raise InvalidImage(
             f"not an http(s) URL, data: URL or base64 image (got {len(stripped)} characters: "
-            f"{_preview(stripped)}); file paths are not read here"
+            f"{preview(stripped)}); file paths are not read here"
         )
     return decode_image_bytes(data, limits)
 
@@ -173,9 +151,7 @@ def _from_client_string(
 def _url_or_data_url(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -> bytes | None:
     """The encoded image behind an http(s) or data: URL; None if ``text`` is neither."""
     if _URL_SCHEME.match(text):  # fetch_url refuses schemes other than http(s)
-        from blipserve.processing import fetch  # imported here: fetch imports ImageLimits from us
-
-        return fetch.fetch_url(text, limits, url_policy or fetch.DEFAULT_URL_POLICY)
+        return fetch_url(text, limits, url_policy or DEFAULT_URL_POLICY)
     if text[:5].lower() == "data:":
         return _decode_data_url(text, limits)
     return None
@@ -190,7 +166,7 @@ def _decode_base64_or_path(data: bytes, text: str, limits: ImageLimits) -> Image
         if not _looks_like_path(text) or _has_image_header(data):
             raise
         raise InvalidImage(
-            f"no such file: {_preview(text)} (read as base64 instead: {err.reason})"
+            f"no such file: {preview(text)} (read as base64 instead: {err.reason})"
         ) from None
 
 
@@ -213,9 +189,8 @@ def _b64decode(text: str, limits: ImageLimits) -> bytes | None:
     """Strict standard base64, ignoring whitespace (MIME line breaks); None if it is not base64."""
     compact = "".join(text.split())
     if len(compact) > limits.max_bytes * 4 // 3 + 4:
-        raise InvalidImage(
-            f"base64 image is {len(compact)} characters, over the {_mb(limits.max_bytes)} limit"
-        )
+        limit = megabytes(limits.max_bytes)
+        raise InvalidImage(f"base64 image is {len(compact)} characters, over the {limit} limit")
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
@@ -247,13 +222,14 @@ def _read_file(path: str | os.PathLike, limits: ImageLimits) -> bytes:
         with open(path, "rb") as f:
             data = f.read(limits.max_bytes + 1)
     except FileNotFoundError:
-        raise InvalidImage(f"no such file: {_preview(os.fspath(path))}") from None
+        raise InvalidImage(f"no such file: {preview(os.fspath(path))}") from None
     except IsADirectoryError:
-        raise InvalidImage(f"{_preview(os.fspath(path))} is a directory, not an image") from None
+        raise InvalidImage(f"{preview(os.fspath(path))} is a directory, not an image") from None
     except OSError as err:
-        raise InvalidImage(f"cannot read {_preview(os.fspath(path))}: {err.strerror}") from err
+        raise InvalidImage(f"cannot read {preview(os.fspath(path))}: {err.strerror}") from err
     if len(data) > limits.max_bytes:
-        raise InvalidImage(f"file {Path(path).name!r} is over the {_mb(limits.max_bytes)} limit")
+        limit = megabytes(limits.max_bytes)
+        raise InvalidImage(f"file {Path(path).name!r} is over the {limit} limit")
     return data
 
 
@@ -302,7 +278,7 @@ def decode_image_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
         raise InvalidImage("empty image data (0 bytes)")
     if len(data) > limits.max_bytes:
         raise InvalidImage(
-            f"image data is {len(data)} bytes, over the {_mb(limits.max_bytes)} limit"
+            f"image data is {len(data)} bytes, over the {megabytes(limits.max_bytes)} limit"
         )
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
@@ -368,20 +344,8 @@ def _describe_bytes(data: bytes) -> str:
     if not text or not "".join(text.split()).isprintable():
         return f"{len(data)} bytes of binary data starting {data[:8].hex(' ')}"
     kind = "HTML" if text.lstrip()[:1] == "<" else "text"
-    return f"{len(data)} bytes of {kind}: {_preview(text)}"
-
-
-def _preview(text: str, limit: int = 60) -> str:
-    """repr of text, cut in the middle when long so both ends (a file name) stay visible."""
-    if len(text) > limit:
-        head = (limit - 3) // 2
-        text = text[:head] + "..." + text[len(text) - (limit - 3 - head) :]
-    return repr(text)
+    return f"{len(data)} bytes of {kind}: {preview(text)}"
 
 
 def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.4g}"
-
-
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / (1024 * 1024):g} MB"

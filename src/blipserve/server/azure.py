@@ -7,6 +7,9 @@
 
 ``params`` are honoured (the managed service ignores them). With
 ``num_return_sequences > 1`` each row also gets ``"texts"``: all its sequences.
+
+This module owns the route and its request schema; the row schema (shared with MLflow's
+``/invocations``) is in :mod:`blipserve.server.schemas`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from blipserve.server.app import MODEL_ROUTE, Service, json_content
+from blipserve.server.deps import MODEL_ROUTE, Service, json_content
 from blipserve.server.frames import rows_from_split
+from blipserve.server.schemas import ScoreRow, to_row
 
 router = APIRouter(tags=["Azure ML"], dependencies=MODEL_ROUTE)
 
@@ -33,11 +37,6 @@ class ScoreRequest(BaseModel):
     params: dict[str, Any] | None = None
 
 
-class ScoreRow(BaseModel):
-    text: str
-    texts: list[str] | None = None
-
-
 @router.post(
     "/score",
     dependencies=[Depends(json_content)],
@@ -50,10 +49,3 @@ async def score(body: ScoreRequest, model: Service) -> list[dict]:
     rows = rows_from_split(body.input_data.columns, body.input_data.data)
     results = await model.generate(rows, params)
     return [to_row(generations) for generations in results]
-
-
-def to_row(generations: list) -> dict:
-    row = {"text": generations[0].text}
-    if len(generations) > 1:
-        row["texts"] = [g.text for g in generations]
-    return row

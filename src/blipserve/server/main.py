@@ -19,9 +19,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         description="Every flag can also be set as BLIPSERVE_<FLAG> (e.g. BLIPSERVE_API_KEY).",
     )
     add_arguments(serve)
+    serve.set_defaults(run=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> None:
+def run_serve(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so that `blipserve --help` (which builds this parser)
+    # does not import uvicorn, FastAPI and torch; there is no import cycle to dodge.
     import uvicorn
 
     from blipserve.server.app import create_app, settings_summary
@@ -46,3 +49,4 @@ def run_serve(args: argparse.Namespace) -> None:
         access_log=False,  # blipserve.access logs one JSON line per request instead
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+    return 0

@@ -6,6 +6,9 @@ JSON with exactly one of ``dataframe_split``, ``dataframe_records``, ``instances
 
     {"dataframe_records": [{"image": "<base64>", "text": "a photo of"}]}
     -> {"predictions": [{"text": "..."}]}
+
+This module owns the route, its body parsing and the ``Predictions`` envelope; each
+prediction is a :class:`~blipserve.server.schemas.ScoreRow`, as Azure ML's ``/score`` rows.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
 from blipserve.errors import InvalidRequest
-from blipserve.server.app import MODEL_ROUTE, Service
-from blipserve.server.azure import ScoreRow, to_row
+from blipserve.server.deps import MODEL_ROUTE, Service
 from blipserve.server.frames import (
     rows_from_columns,
     rows_from_csv,
     rows_from_records,
     rows_from_split,
 )
+from blipserve.server.schemas import ScoreRow, to_row
 from blipserve.server.service import Row
 
 router = APIRouter(tags=["MLflow"], dependencies=MODEL_ROUTE)

@@ -53,22 +53,20 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from blipserve.api import Generation
+from blipserve.engine.generate import FinishReason
 from blipserve.engine.params import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES, MAX_STOP_STRINGS
 from blipserve.errors import InvalidImage, InvalidRequest
+from blipserve.outputs import Generation
 from blipserve.processing.prompts import IGNORED_ROLES, chat_prompt
 from blipserve.server import errors
-from blipserve.server.app import MODEL_ROUTE, Service, json_content
-from blipserve.server.service import ModelService, Row
-
-if TYPE_CHECKING:
-    from blipserve.server.service import StreamDelta
+from blipserve.server.deps import MODEL_ROUTE, Service, json_content
+from blipserve.server.service import ModelService, Row, StreamDelta
 
 log = logging.getLogger("blipserve.server")
 router = APIRouter(tags=["OpenAI"], dependencies=MODEL_ROUTE)
@@ -166,7 +164,7 @@ class AssistantMessage(BaseModel):
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     logprobs: None = None
 
 

@@ -19,12 +19,13 @@ from typing import Any
 import anyio
 import torch
 
-from blipserve.api import FinishReason, Generation, IncrementalDecoder, Pipeline, truncate_at_stop
+from blipserve.api import Pipeline
+from blipserve.engine.generate import FinishReason
 from blipserve.engine.params import MIN_SAMPLING_TEMPERATURE, GenerationParams
 from blipserve.engine.scheduler import Job, JobEvent, JobFailed, Scheduler, TokenOut
 from blipserve.errors import InvalidRequest
+from blipserve.outputs import Generation, IncrementalDecoder, stop_check, to_generation
 from blipserve.processing.fetch import UrlPolicy
-from blipserve.processing.images import load_image
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 
@@ -143,7 +144,7 @@ class ModelService:
         pixels = [outcome for outcome in decoded if not isinstance(outcome, BaseException)]
         loop = asyncio.get_running_loop()
         sinks = [_Sink(loop, params.num_return_sequences) for _ in rows]
-        stop = self.pipe.stop_check(params.stop)
+        stop = stop_check(self.pipe.tokenizer, params.stop)
         jobs = [
             Job(key, tensor, ids, params, sink.put, stop=stop, deadline=deadline)
             for (key, tensor), ids, sink in zip(pixels, prompt_ids, sinks, strict=True)
@@ -153,20 +154,16 @@ class ModelService:
 
     def _pixels(self, source: Any, row: int) -> tuple[str, torch.Tensor]:
         """-> (content hash, (1, 3, H, W) pixels); InvalidImage names ``row``."""
-        image = load_image(
-            source,
-            row=row,
-            limits=self.pipe.image_limits,
-            exif_transpose=self.pipe.exif_transpose,
-            url_policy=self.url_policy,
-            allow_paths=False,  # a client's string never names a file on this machine
-        )
-        pixels = self.pipe.image_processor([image])
+        # allow_paths=False: a client's string never names a file on this machine.
+        pixels = self.pipe.image_pixels(
+            source, row=row, url_policy=self.url_policy, allow_paths=False
+        )[None]
         return hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), pixels
 
-    def _generation(self, ids: list[int], reason: str, params: GenerationParams) -> Generation:
-        text = truncate_at_stop(self.pipe.tokenizer.decode(ids), params.stop)
-        return Generation(text=text, token_ids=ids, finish_reason=reason)
+    def _generation(
+        self, ids: list[int], reason: FinishReason, params: GenerationParams
+    ) -> Generation:
+        return to_generation(self.pipe.tokenizer, ids, reason, params.stop)
 
     def _remaining(self, deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())

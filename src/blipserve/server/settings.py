@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from blipserve.flags import add_model_flags
+
 ENV_PREFIX = "BLIPSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -64,8 +66,10 @@ class ServerSettings:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``blipserve serve`` flags, one per setting (defaults come from the environment)."""
+    add_model_flags(
+        parser, model_help="checkpoint: 'demo', a directory or a Hub id", with_defaults=False
+    )
     helps = {
-        "model": "checkpoint: 'demo', a directory or a Hub id",
         "api_key": "require 'Authorization: Bearer KEY' (or set BLIPSERVE_API_KEY)",
         "max_batch_rows": "sequences decoded together",
         "max_waiting": "queued requests before answering 429",
@@ -78,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     }
     for f in fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
+        if f.name in ("model", "device", "dtype"):
+            continue  # added above, as every command has them
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=helps.get(f.name))
         else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -34,9 +34,6 @@ from blipserve.model.vision import VisionTransformer
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.tokenizer import Tokenizer
 from blipserve.weights import TIED_HEAD
-
-if TYPE_CHECKING:
-    from blipserve.api import Pipeline
 
 WEIGHTS_NAME = "model.safetensors"
 INIT_STD = 0.02  # BERT's initializer range, used for the fresh Q-Former, queries and projection
@@ -91,18 +88,6 @@ def checkpoint_tensors(
             tensor = tensor.to(dtype)
         tensors[name] = tensor.detach().to("cpu").contiguous()
     return tensors
-
-
-def generation_config_of(pipe: Pipeline) -> dict[str, Any]:
-    """The ``generation_config.json`` content a pipeline's checkpoint carried."""
-    defaults = pipe.defaults
-    eos = list(defaults.eos_token_ids)
-    return {
-        "bos_token_id": pipe.tokenizer.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else eos,
-        "pad_token_id": defaults.pad_token_id,
-        **defaults.params,
-    }
 
 
 # The Q-Former settings that shape its query path (text-only settings may differ).

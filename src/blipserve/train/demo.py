@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from blipserve.api import CheckpointDefaults, Pipeline
+from blipserve.api import Pipeline, load
+from blipserve.generation_config import CheckpointDefaults
 from blipserve.model.opt import OPTConfig
 from blipserve.model.qformer import QFormerConfig
 from blipserve.model.vision import VisionConfig
@@ -233,8 +234,6 @@ def build(
 
 def _load_earlier(directory: Path) -> Pipeline:
     """An earlier demo build, on the CPU in float32, for its tokenizer and language model."""
-    from blipserve.api import load
-
     return load(str(directory), device="cpu", dtype="float32")
 
 

@@ -28,7 +28,7 @@ from blipserve.model.opt import OPTConfig, OPTForCausalLM
 from blipserve.model.vision import VisionConfig, VisionTransformer
 from blipserve.processing.tokenizer import Tokenizer
 from blipserve.train.data import IGNORE_INDEX, encode_example
-from blipserve.train.stage2 import warmup_cosine
+from blipserve.train.optim import warmup_cosine
 from blipserve.train.synthetic import GRID, NUM_CELL_CLASSES, Scene, cell_tokens
 
 

@@ -37,18 +37,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer as RustTokenizer
 from torch import nn
 
-from blipserve.errors import CheckpointError
+from blipserve.api import load
+from blipserve.matching import load_matcher
 from blipserve.model.common import activation
-from blipserve.model.retrieval import Blip2Retrieval, similarity
+from blipserve.model.retrieval import Blip2Retrieval, is_retrieval_config, similarity
 from blipserve.processing.image_processor import ImageProcessor
+from blipserve.processing.qformer_text import TextCodec
+from blipserve.resolve import resolve_checkpoint
+from blipserve.train.checkpoint import assemble_retrieval
 from blipserve.train.data import TrainExample, load_example_image
-from blipserve.train.stage2 import build_optimizer, warmup_cosine
+from blipserve.train.optim import build_optimizer, warmup_cosine
 
 HEADS_FILE = "stage1_heads.safetensors"
-TEXT_SETTINGS_FILE = "stage1_text.json"
 TEMPERATURE_RANGE = (0.001, 0.5)
 FROZEN_PREFIX = "vision_model."
 
@@ -84,69 +86,6 @@ class Stage1Result:
     losses: list[Stage1Losses] = field(default_factory=list)
 
 
-class TextCodec:
-    """Texts -> Q-Former input ids: ``[CLS] tokens...`` (``[DEC]`` replaces ``[CLS]`` for
-    ITG), right-padded with ``pad_id``, at most ``max_length`` ids. With ``add_special``
-    the tokenizer's own post-processor adds ``[CLS]`` (BERT's, for the Salesforce
-    checkpoints); otherwise ``cls_id`` is put first (a new vocabulary, e.g. the demo's)."""
-
-    def __init__(
-        self,
-        tokenizer: RustTokenizer,
-        *,
-        cls_id: int,
-        dec_id: int,
-        pad_id: int,
-        max_length: int = 32,
-        add_special: bool = False,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.cls_id, self.dec_id, self.pad_id = cls_id, dec_id, pad_id
-        self.max_length = max_length
-        self.add_special = add_special
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> TextCodec:
-        """The codec of a matching checkpoint: ``tokenizer.json``, and ``stage1_text.json``
-        when stage 1 wrote one; else BERT's ids ([CLS] 101, [DEC] 30522, [PAD] 0, 35 ids)."""
-        directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointError(f"{directory} has no tokenizer.json for the Q-Former's text")
-        settings = {
-            "cls_id": 101,
-            "dec_id": 30522,
-            "pad_id": 0,
-            "max_length": 35,
-            "add_special": True,
-        }
-        if (directory / TEXT_SETTINGS_FILE).is_file():
-            settings.update(json.loads((directory / TEXT_SETTINGS_FILE).read_text()))
-        return cls(RustTokenizer.from_file(str(path)), **settings)
-
-    def settings(self) -> dict:
-        return {
-            "cls_id": self.cls_id,
-            "dec_id": self.dec_id,
-            "pad_id": self.pad_id,
-            "max_length": self.max_length,
-            "add_special": self.add_special,
-        }
-
-    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids (B, T) and 0/1 mask (B, T), T the longest text's length."""
-        encoded = self.tokenizer.encode_batch(list(texts), add_special_tokens=self.add_special)
-        first = [] if self.add_special else [self.cls_id]
-        rows = [[*first, *e.ids][: self.max_length] for e in encoded]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return ids, mask
-
-
 class Stage1Heads(nn.Module):
     """What stage 1 trains beside the retrieval model: the ITC temperature and the ITG head
     (dense -> activation -> LayerNorm -> the word embeddings, transposed, + bias)."""
@@ -178,19 +117,14 @@ def stage1_start(
     captioning checkpoint's image encoder with a fresh Q-Former of its shape, whose text
     vocabulary is the checkpoint's tokenizer plus ``[CLS]`` and ``[DEC]`` (so the result
     fits that checkpoint again for stage 2)."""
-    import blipserve
-    from blipserve.model.retrieval import is_retrieval_config
-    from blipserve.resolve import resolve_checkpoint
-    from blipserve.train.checkpoint import assemble_retrieval
-
     directory = resolve_checkpoint(checkpoint)
     if is_retrieval_config(json.loads((directory / "config.json").read_text())):
-        matcher = blipserve.load_matcher(checkpoint, device=device, dtype=dtype)
+        matcher = load_matcher(checkpoint, device=device, dtype=dtype)
         for name, child in matcher.model.named_children():
             if name != "vision_model":
                 child.float()  # trained parts keep float32 master weights
         return matcher.model, matcher.codec, matcher.image_processor
-    pipe = blipserve.load(checkpoint, device=device, dtype=dtype)
+    pipe = load(checkpoint, device=device, dtype=dtype)
     backend = pipe.tokenizer.backend
     size = backend.get_vocab_size()
     codec = TextCodec(
@@ -307,7 +241,7 @@ def train_stage1(
     on_step: Callable[[int, Stage1Losses], None] | None = None,
 ) -> tuple[Stage1Heads, Stage1Result]:
     """Train on (image, text) pairs; ``images[rows]`` gives the frozen encoder's outputs
-    (B, S, d_vision): a tensor computed once (:func:`encode_images`) or
+    (B, S, d_vision): a tensor computed once (:meth:`Blip2Retrieval.vision_features`) or
     :class:`EncodedImages`. Returns the heads and the loss history; ``model`` is trained
     in place."""
     if len(images) != len(texts):
@@ -318,7 +252,9 @@ def train_stage1(
     heads = heads or Stage1Heads(model).to(device)
     params = freeze_for_stage1(model)
     params.update({f"heads.{n}": p for n, p in heads.named_parameters() if "word_emb" not in n})
-    optimizer = build_optimizer(params, config)
+    optimizer = build_optimizer(
+        params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.warmup_steps, config.max_steps)
     )
@@ -389,21 +325,7 @@ class EncodedImages:
             )
             for i in rows.tolist()
         ]
-        return encode_images(self.model, torch.stack(pixels))
-
-
-@torch.no_grad()
-def encode_images(
-    model: Blip2Retrieval, pixels: torch.Tensor, batch_size: int = 64
-) -> torch.Tensor:
-    """(N, 3, H, W) pixels -> (N, S, d_vision) frozen image-encoder outputs, float32."""
-    device = model.query_tokens.device
-    dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
-    parts = [
-        model.vision_model(pixels[i : i + batch_size].to(device, dtype)).float()
-        for i in range(0, len(pixels), batch_size)
-    ]
-    return torch.cat(parts)
+        return self.model.vision_features(torch.stack(pixels))
 
 
 def save_stage1(
@@ -418,8 +340,7 @@ def save_stage1(
     :func:`blipserve.load_matcher` runs it; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    codec.tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / TEXT_SETTINGS_FILE).write_text(json.dumps(codec.settings(), indent=1) + "\n")
+    codec.save_pretrained(directory)
     if image_processor is not None:
         config = json.dumps(image_processor.to_dict(), indent=2, sort_keys=True) + "\n"
         (directory / "preprocessor_config.json").write_text(config)

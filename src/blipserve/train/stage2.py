@@ -36,7 +36,7 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,9 +49,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from blipserve.api import CheckpointDefaults, Pipeline
-from blipserve.engine.params import GenerationParams
+from blipserve.api import Pipeline
 from blipserve.errors import InvalidRequest
+from blipserve.generation_config import CheckpointDefaults
 from blipserve.model.blip2 import Blip2Model
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.tokenizer import Tokenizer
@@ -63,6 +63,7 @@ from blipserve.train.data import (
     Collate,
     TrainExample,
 )
+from blipserve.train.optim import build_optimizer, warmup_cosine
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRAINABLE_PREFIXES = ("query_tokens", "qformer.", "language_projection.")
@@ -191,32 +192,6 @@ def freeze_for_stage2(model: Blip2Model) -> dict[str, torch.nn.Parameter]:
     return trainable
 
 
-def build_optimizer(
-    params: dict[str, torch.nn.Parameter], config: TrainConfig
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and the query tokens; none on biases and norms."""
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-
-
-def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor for 0-based optimizer step ``step``: linear warmup to 1 over
-    ``warmup_steps``, then cosine decay towards 0 at ``max_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a ``mixed_precision`` setting; None means full precision."""
     if mixed_precision == "no" or (mixed_precision == "auto" and device.type != "cuda"):
@@ -308,10 +283,13 @@ class _Trainer:
         self.generation_config = generation_config
         self.device = model.language_projection.weight.device
         self.amp_dtype = autocast_dtype(config.mixed_precision, self.device)
-        self.eos_token_id, self.pad_token_id = _token_ids(generation_config, model)
+        self.defaults = CheckpointDefaults.from_dict(generation_config, model.config)
+        self.eos_token_id, self.pad_token_id = _token_ids(self.defaults)
         torch.manual_seed(config.seed)
         self.params = freeze_for_stage2(model)
-        self.optimizer = build_optimizer(self.params, config)
+        self.optimizer = build_optimizer(
+            self.params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
+        )
         self.scheduler = LambdaLR(
             self.optimizer, warmup_cosine(config.warmup_steps, config.max_steps)
         )
@@ -434,7 +412,7 @@ class _Trainer:
 
     def _greedy_captions(self, examples: Sequence[TrainExample]) -> list[str]:
         """What the served model says: our engine, through a Pipeline on this model."""
-        pipe = Pipeline(self.model, self.tokenizer, self.image_processor, self._defaults())
+        pipe = Pipeline(self.model, self.tokenizer, self.image_processor, self.defaults)
         size, captions = self.config.batch_size, []
         for start in range(0, len(examples), size):
             chunk = examples[start : start + size]
@@ -446,17 +424,6 @@ class _Trainer:
                 do_sample=False,
             )
         return captions
-
-    def _defaults(self) -> CheckpointDefaults:
-        gen = self.generation_config
-        eos = gen.get("eos_token_id", self.eos_token_id)
-        params = {k: gen[k] for k in GenerationParams.checkpoint_keys() if k in gen}
-        return CheckpointDefaults(
-            tuple(eos) if isinstance(eos, list) else (eos,),
-            self.pad_token_id,
-            self.model.config.image_token_index,
-            params,
-        )
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -583,11 +550,9 @@ def _due(every: int | None, step: int, max_steps: int) -> bool:
     return every is not None and step % every == 0 and step < max_steps
 
 
-def _token_ids(generation_config: dict[str, Any], model: Blip2Model) -> tuple[int, int]:
+def _token_ids(defaults: CheckpointDefaults) -> tuple[int, int]:
     """(eos, pad): the eos ends every target; pad fills batches (it is never a target)."""
-    eos = generation_config.get("eos_token_id", model.config.text.eos_token_id)
-    eos = eos[0] if isinstance(eos, list) else eos
-    pad = generation_config.get("pad_token_id", model.config.text.pad_token_id)
+    eos, pad = defaults.eos_token_ids[0], defaults.pad_token_id
     if eos is None or pad is None:
         raise InvalidRequest("generation_config needs an eos_token_id and a pad_token_id")
     return eos, pad

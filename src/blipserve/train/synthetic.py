@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from blipserve.train.data import TrainExample
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -221,10 +223,8 @@ def samples(
             yield Sample(image, vqa_prompt(question), answer, scene)
 
 
-def synthetic_examples(count: int, seed: int, *, vqa_per_image: int = 2) -> list:
+def synthetic_examples(count: int, seed: int, *, vqa_per_image: int = 2) -> list[TrainExample]:
     """:func:`samples` as stage-2 training examples (captions and VQA together)."""
-    from blipserve.train.data import TrainExample
-
     return [
         TrainExample(
             s.image, s.text, s.prompt, origin=f"synthetic scene {i // (1 + vqa_per_image)}"

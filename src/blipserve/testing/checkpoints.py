@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from blipserve.processing.image_processor import BLIP2_PREPROCESSOR_CONFIG
-from tests.tokenizer_fixtures import build_test_tokenizer
+from blipserve.testing.tokenizers import build_test_tokenizer
 
 LAYOUTS = ("sharded", "single", "bin", "bin-sharded", "with-lm-head", "legacy-qv-bias")
 

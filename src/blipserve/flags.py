@@ -1,0 +1,79 @@
+"""Command-line flags that more than one command takes, and what they turn into.
+
+``cli.py`` (caption, ask, chat, match), ``server/main.py`` (serve), ``batch/main.py``
+(batch) and ``train/main.py`` (train, evaluate) build their parsers from these. The
+generation flags are made from :class:`GenerationParams`' fields, so a new option there is
+a new flag here. Importing this module loads no torch: ``blipserve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import Any
+
+from blipserve.engine.params import GenerationParams
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    default: str | None = "demo",
+    required: bool = False,
+    model_help: str = "demo, a checkpoint directory or Hub id",
+    dtype_help: str | None = None,
+    with_defaults: bool = True,
+) -> None:
+    """``--model``, ``--device`` (default auto) and ``--dtype`` (default auto).
+
+    ``with_defaults=False`` leaves every default None: ``blipserve serve`` then takes the
+    value from a ``BLIPSERVE_*`` variable, else from its settings' defaults.
+    """
+    model, auto = (default, "auto") if with_defaults else (None, None)
+    parser.add_argument("--model", default=model, required=required, help=model_help)
+    parser.add_argument("--device", default=auto, help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument("--dtype", default=auto, choices=DTYPES, help=dtype_help)
+
+
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    """``--no-exif`` and ``--allow-private-urls``: how image inputs are read."""
+    parser.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch image URLs on loopback, private and link-local addresses (refused by default)",
+    )
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`GenerationParams` field: ``--max-new-tokens``, ``--sample``..."""
+    group = parser.add_argument_group("generation")
+    for f in fields(GenerationParams):
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        text = f.metadata["help"]
+        if f.default is False:  # a switch: do_sample (--sample), early_stopping
+            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+        elif isinstance(f.default, tuple):  # stop: repeat the flag
+            group.add_argument(flag, dest=f.name, action="append", help=text)
+        else:  # seed's default is None: an integer
+            kind = float if isinstance(f.default, float) else int
+            group.add_argument(flag, dest=f.name, type=kind, help=text)
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation flags given, as :class:`GenerationParams` keyword arguments (flags
+    not given are left out, so the checkpoint's defaults apply)."""
+    options = {f.name: getattr(args, f.name, None) for f in fields(GenerationParams)}
+    options = {k: v for k, v in options.items() if v is not None}
+    if "stop" in options:
+        options["stop"] = tuple(options["stop"])
+    return options
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """What every command that writes text takes: model, image and generation flags."""
+    add_model_flags(parser)
+    add_image_flags(parser)
+    add_generation_flags(parser)
