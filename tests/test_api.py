@@ -97,6 +97,32 @@ def test_ask_and_chat_use_the_reference_prompts(pipe, images):
     )
 
 
+def count_encoder_runs(pipe) -> list[int]:
+    """A list whose length grows by one each time the vision encoder runs."""
+    runs: list[int] = []
+    pipe.model.vision_model.register_forward_hook(lambda *_: runs.append(1))
+    return runs
+
+
+def test_chat_follow_ups_and_repeated_images_encode_the_image_once(tiny_checkpoint, images):
+    pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+    uncached = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+    uncached.prefix_cache.size = 0
+    runs = count_encoder_runs(pipe)
+    image = images[0]
+    messages = [{"role": "user", "content": "what is it?"}]
+    first = pipe.chat(image, messages, max_new_tokens=5)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "where?"}]
+    second = pipe.chat(image, messages, max_new_tokens=5)
+    assert len(runs) == 1  # the follow-up reused the first turn's prefix
+    assert second == uncached.chat(image, messages, max_new_tokens=5)
+    questions = ["Question: what is it? Answer:", "Question: what color? Answer:", ""]
+    answers = pipe.generate([images[1]] * 3, questions, max_new_tokens=5)
+    assert len(runs) == 2  # three questions about one new image: one encoder run
+    assert answers == uncached.generate([images[1]] * 3, questions, max_new_tokens=5)
+    assert (pipe.prefix_cache.hits, pipe.prefix_cache.misses) == (3, 2)
+
+
 def test_stream_yields_the_same_text_as_generate(pipe, images):
     for prompt in ("", "a photo of"):
         deltas = list(pipe.stream(images[1], prompt, max_new_tokens=10))

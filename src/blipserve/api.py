@@ -23,6 +23,7 @@ from PIL import Image
 
 from blipserve.engine.generate import generate, stream
 from blipserve.engine.params import GenerationParams
+from blipserve.engine.prefix_cache import PrefixCache, pixels_key
 from blipserve.errors import InvalidRequest, UnsupportedModel
 from blipserve.generation_config import CheckpointDefaults
 from blipserve.model.blip2 import Blip2Config, Blip2Model
@@ -38,6 +39,7 @@ from blipserve.resolve import resolve_checkpoint, resolve_device, resolve_dtype
 from blipserve.weights import load_model
 
 __all__ = ["Generation", "Pipeline", "load"]
+PREFIX_CACHE_SIZE = 32  # image prefixes a pipeline keeps for follow-up questions
 
 
 def load(
@@ -92,6 +94,7 @@ class Pipeline:
         exif_transpose: bool = True,
         image_limits: ImageLimits | None = None,
         url_policy: UrlPolicy | None = None,
+        prefix_cache_size: int = PREFIX_CACHE_SIZE,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -101,6 +104,7 @@ class Pipeline:
         self.exif_transpose = exif_transpose
         self.image_limits = image_limits or ImageLimits()
         self.url_policy = url_policy  # None: image URLs are fetched from public addresses only
+        self.prefix_cache = PrefixCache(prefix_cache_size)
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +151,12 @@ class Pipeline:
     @torch.inference_mode()
     def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, Q, d_lm) prefix embeddings (vision encoder + Q-Former),
-        on this pipeline's device, in the model dtype."""
+        on this pipeline's device, in the model dtype. Images seen lately (the same pixels:
+        a chat follow-up, another question) come from the prefix cache."""
+        keys = [pixels_key(image) for image in pixels]
+        return torch.stack(self.prefix_cache.prefixes(keys, list(pixels), self._encode))
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.image_prefix(pixels.to(self.device))
 
     def generation_config(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ import torch
 from blipserve.engine.continuous import ContinuousBatch, DecodeRequest
 from blipserve.engine.generate import FinishReason, check_fits, generate
 from blipserve.engine.params import GenerationParams
+from blipserve.engine.prefix_cache import PrefixCache
 from blipserve.errors import BlipserveError
 from blipserve.model.blip2 import Blip2Model
 
@@ -117,7 +118,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
-        self._prefixes: OrderedDict[str, torch.Tensor] = OrderedDict()  # key -> (Q, D)
+        self._prefixes = PrefixCache(prefix_cache_size)
         self._batch = ContinuousBatch(model.language_model, **self.options)
         self._cond = threading.Condition()
         self._closing = False
@@ -223,31 +224,16 @@ class Scheduler:
     def _prefixes_for(self, jobs: list[Job]) -> list[torch.Tensor]:
         """(Q, D) prefix per job: from the cache, or the vision encoder + Q-Former run once
         over all the distinct images not cached."""
-        missing: dict[str, torch.Tensor] = {}
-        for job in jobs:
-            if job.image_key in self._prefixes:
-                self._prefixes.move_to_end(job.image_key)
-                self.stats.prefix_cache_hits += 1
-            elif job.image_key not in missing:
-                missing[job.image_key] = job.pixels
-                self.stats.prefix_cache_misses += 1
-            else:
-                self.stats.prefix_cache_hits += 1
-        found = {key: self._prefixes[key] for key in {j.image_key for j in jobs} - missing.keys()}
-        if missing:
-            pixels = torch.cat(list(missing.values())).to(self.device)  # (M, 3, H, W)
-            encoded = self.model.image_prefix(pixels)  # (M, Q, D)
-            for key, prefix in zip(missing, encoded, strict=True):
-                found[key] = prefix
-                self._remember(key, prefix)
-        return [found[job.image_key] for job in jobs]
-
-    def _remember(self, key: str, prefix: torch.Tensor) -> None:
-        if self.prefix_cache_size <= 0:
-            return
-        self._prefixes[key] = prefix
-        while len(self._prefixes) > self.prefix_cache_size:
-            self._prefixes.popitem(last=False)
+        cache = self._prefixes
+        hits, misses = cache.hits, cache.misses
+        prefixes = cache.prefixes(
+            [job.image_key for job in jobs],
+            [job.pixels for job in jobs],
+            lambda pixels: self.model.image_prefix(pixels.to(self.device)),
+        )
+        self.stats.prefix_cache_hits += cache.hits - hits
+        self.stats.prefix_cache_misses += cache.misses - misses
+        return prefixes
 
     def _beam_search(self, job: Job, prefix: torch.Tensor) -> None:
         """Run a beam-search job to its end (its tokens are known only then)."""

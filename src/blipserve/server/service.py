@@ -10,7 +10,6 @@ thread; the event loop only waits. A request with a bad row fails whole, naming 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from blipserve.api import Pipeline
 from blipserve.engine.generate import FinishReason
 from blipserve.engine.params import MIN_SAMPLING_TEMPERATURE, GenerationParams
+from blipserve.engine.prefix_cache import pixels_key
 from blipserve.engine.scheduler import Job, JobEvent, JobFailed, Scheduler, TokenOut
 from blipserve.errors import InvalidRequest
 from blipserve.outputs import Generation, IncrementalDecoder, stop_check, to_generation
@@ -158,7 +158,7 @@ class ModelService:
         pixels = self.pipe.image_pixels(
             source, row=row, url_policy=self.url_policy, allow_paths=False
         )[None]
-        return hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), pixels
+        return pixels_key(pixels), pixels
 
     def _generation(
         self, ids: list[int], reason: FinishReason, params: GenerationParams
