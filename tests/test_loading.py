@@ -7,16 +7,19 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import blipserve
+from blipserve import resolve
 from blipserve.errors import CheckpointError, ModelNotFound, UnsupportedModel
 from blipserve.model.blip2 import Blip2Config
 from blipserve.resolve import resolve_checkpoint
 from blipserve.testing import checkpoints
+from blipserve.weights import read_safetensors
 
 
 @pytest.fixture
@@ -154,6 +157,55 @@ def test_weights_load_straight_into_the_target_dtype(single):
     assert ours.dtype == torch.bfloat16
     assert torch.equal(ours, stored[name].to(torch.bfloat16))
     assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_cpu_is_bfloat16_only_where_the_processor_computes_it(
+    single, monkeypatch, native
+):
+    """bfloat16 is emulated (5x slower than float32) on CPUs without AVX512-BF16 or AMX."""
+    monkeypatch.setattr(resolve, "cpu_has_native_bf16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert resolve.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert blipserve.load(str(single), device="cpu").model.dtype == expected
+    assert resolve.resolve_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_native_bf16_probe_agrees_with_the_processor_flags():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert resolve.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_safetensors_are_read_tensor_by_tensor_as_the_library_reads_them(tmp_path):
+    tensors = {
+        "bf16": torch.randn(3, 5).bfloat16(),
+        "f32": torch.randn(7),
+        "f16": torch.randn(2, 2, 2).half(),
+        "i64": torch.arange(4),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "flag": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    ours = dict(read_safetensors(path))
+    theirs = load_file(path)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+
+
+def test_cut_or_malformed_safetensors_name_the_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(64, 64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="ends inside tensor 'w'"):
+        list(read_safetensors(path))
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="is not a safetensors file"):
+        list(read_safetensors(path))
 
 
 def test_model_names_resolve(single, tmp_path):

@@ -85,6 +85,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Pipeline, dict[str, Any]]:
         dtype=args.dtype,
         exif_transpose=not args.no_exif,
         url_policy=UrlPolicy(allow_private=args.allow_private_urls),
+        quantize=args.quantize,
     )
     gen = generation_options(args)
     pipe.params(**gen)

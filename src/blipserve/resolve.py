@@ -13,6 +13,7 @@ three from here. A model name is resolved in this order:
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -24,6 +25,9 @@ DEMO_NAME = "demo"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CONFIG_FILES = ["*.json", "*.txt"]  # config, tokenizer, preprocessor, generation config
 WEIGHT_PATTERNS = (["*.safetensors"], ["*.bin"])  # preferred first
+# torch's own checks (private, so each is looked up), and the /proc/cpuinfo flags they read.
+CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,13 +105,30 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that has it, else float16 on GPU, float32 on CPU."""
+    """``auto``: the dtype the device multiplies fastest. On a GPU bfloat16 (float16 where
+    it has none); on a CPU bfloat16 where the processor computes it natively
+    (:func:`cpu_has_native_bf16`), else float32. Ask for float32 for exact parity with
+    transformers' float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise InvalidRequest(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} or 'auto'")
     return DTYPES[dtype]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere
+    torch emulates it, about 5x slower than float32 (measured on an AVX2 machine)."""
+    probes = [getattr(torch.cpu, name, None) for name in CPU_BF16_PROBES]
+    if all(probe is not None for probe in probes):
+        return any(probe() for probe in probes)
+    try:  # a torch without the probes: the kernel's view of the processor
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & CPU_BF16_FLAGS)

@@ -16,7 +16,7 @@ from blipserve.errors import BlipserveError, InvalidRequest
 from blipserve.generation_config import CheckpointDefaults
 from blipserve.model.blip2 import Blip2Config
 from blipserve.processing.fetch import UrlPolicy
-from blipserve.resolve import resolve_checkpoint
+from blipserve.resolve import resolve_checkpoint, resolve_device, resolve_dtype
 
 
 class ThresholdExceeded(BlipserveError):
@@ -34,6 +34,7 @@ class BatchSpec:
     recursive: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str | None = None
     exif_transpose: bool = True
     allow_private_urls: bool = False
     gen: dict[str, Any] = field(default_factory=dict)
@@ -102,17 +103,21 @@ def manifest(spec: BatchSpec, plan: Plan, params: GenerationParams) -> dict[str,
     for path, name in zip(plan.files, plan.names, strict=True):
         stat = os.stat(path)
         inputs.append({"name": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {
+    record = {
         "input": os.path.abspath(spec.input),
         "inputs": inputs,
         "model": spec.model,
-        "dtype": spec.dtype,
+        # "auto" means different dtypes on different machines: record the one used
+        "dtype": str(resolve_dtype(spec.dtype, resolve_device(spec.device))).removeprefix("torch."),
         "exif_transpose": spec.exif_transpose,
         "params": dataclasses.asdict(params),
         "chunk_size": spec.chunk_size,
         "limit": spec.limit,
         "rows": plan.rows,
     }
+    if spec.quantize not in (None, "none"):  # absent otherwise: earlier records still match
+        record["quantize"] = spec.quantize
+    return record
 
 
 def load_pipeline(spec: BatchSpec) -> Pipeline:
@@ -120,6 +125,7 @@ def load_pipeline(spec: BatchSpec) -> Pipeline:
         spec.model,
         device=spec.device,
         dtype=spec.dtype,
+        quantize=spec.quantize,
         exif_transpose=spec.exif_transpose,
         url_policy=UrlPolicy(allow_private=spec.allow_private_urls),
     )

@@ -68,6 +68,7 @@ def run_batch(args: argparse.Namespace) -> int:
         recursive=args.recursive,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
         exif_transpose=not args.no_exif,
         allow_private_urls=args.allow_private_urls,
         gen=generation_options(args),

@@ -112,7 +112,7 @@ class Blip2Model(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the frozen image encoder and language model."""
-        return self.language_model.lm_head.weight.dtype
+        return self.language_model.model.decoder.embed_tokens.weight.dtype
 
     def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float pixels -> (B, Q, d_lm) prefix embeddings in the model dtype."""

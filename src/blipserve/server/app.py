@@ -109,7 +109,9 @@ def create_app(
 
 
 def _load(settings: ServerSettings) -> Pipeline:
-    return load(settings.model, device=settings.device, dtype=settings.dtype)
+    return load(
+        settings.model, device=settings.device, dtype=settings.dtype, quantize=settings.quantize
+    )
 
 
 def _scheduler(pipe: Pipeline, settings: ServerSettings, metrics: Metrics) -> Scheduler:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from blipserve.flags import add_model_flags
+from blipserve.flags import QUANTIZATIONS, add_model_flags
 
 ENV_PREFIX = "BLIPSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -23,6 +23,7 @@ class ServerSettings:
     model: str = "demo"
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str | None = None  # "int8": int8 language-model weights
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None  # None: no auth (the default binds to loopback only)
@@ -54,6 +55,10 @@ class ServerSettings:
         for name in ("request_timeout", "max_body_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.quantize not in (None, *QUANTIZATIONS):
+            raise ValueError(
+                f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}"
+            )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(
                 f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
@@ -67,7 +72,10 @@ class ServerSettings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``blipserve serve`` flags, one per setting (defaults come from the environment)."""
     add_model_flags(
-        parser, model_help="checkpoint: 'demo', a directory or a Hub id", with_defaults=False
+        parser,
+        model_help="checkpoint: 'demo', a directory or a Hub id",
+        quantize=True,
+        with_defaults=False,
     )
     helps = {
         "api_key": "require 'Authorization: Bearer KEY' (or set BLIPSERVE_API_KEY)",
@@ -82,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     }
     for f in fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("model", "device", "dtype"):
+        if f.name in ("model", "device", "dtype", "quantize"):
             continue  # added above, as every command has them
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=helps.get(f.name))

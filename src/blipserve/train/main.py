@@ -68,7 +68,7 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="exact-match caption and VQA accuracy on held-out synthetic scenes"
     )
-    add_model_flags(evaluate)
+    add_model_flags(evaluate, quantize=True)
     evaluate.add_argument("--count", type=int, default=500, help="held-out images (default 500)")
     evaluate.add_argument("--seed", type=int, default=1000, help="scene seed (default: held out)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -182,7 +182,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.count < 1:
         raise BlipserveError("--count must be at least 1")
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     report = evaluate_synthetic(pipe, args.count, args.seed)
     if args.json:
         fields = ("images", "caption_accuracy", "vqa_accuracy", "vqa_by_question")
