@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     build(args.checkpoint, torch.bfloat16, device="cuda")
-    pipe = blipserve.load(str(args.checkpoint), device="cuda", dtype="bfloat16")
+    pipe = blipserve.load(str(args.checkpoint), device="cuda", dtype="bfloat16", for_training=True)
     examples = [TrainExample(s.image, s.text, s.prompt) for s in samples(args.batch_size * 2, 3)]
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()

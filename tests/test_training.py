@@ -326,7 +326,7 @@ def test_bfloat16_model_trains_float32_master_weights(
     tiny_checkpoint, examples, tmp_path, mixed_precision
 ):
     """Frozen parts in bf16 (the recipe's), trained parts in fp32; CPU bf16 autocast too."""
-    pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+    pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", for_training=True)
     before = {name: t.clone() for name, t in pipe.model.state_dict().items()}
     config = TrainConfig(
         max_steps=3, batch_size=2, lr=5e-3, warmup_steps=1, mixed_precision=mixed_precision,
@@ -348,7 +348,8 @@ def test_bfloat16_model_trains_float32_master_weights(
     for name, tensor in model.state_dict().items():
         if name.startswith(("vision_model.", "language_model.")):
             assert torch.equal(tensor, before[name]), name
-    loaded = blipserve.load(str(tmp_path), device="cpu", dtype="bfloat16").model.state_dict()
+    loaded = blipserve.load(str(tmp_path), device="cpu", dtype="bfloat16", for_training=True)
+    loaded = loaded.model.state_dict()
     for name, tensor in model.state_dict().items():  # loading casts the projection to bf16
         assert torch.equal(loaded[name], tensor.to(loaded[name].dtype)), name
 

@@ -27,6 +27,7 @@ from blipserve.engine.prefix_cache import PrefixCache, pixels_key
 from blipserve.errors import InvalidRequest, UnsupportedModel
 from blipserve.generation_config import CheckpointDefaults
 from blipserve.model.blip2 import Blip2Config, Blip2Model
+from blipserve.model.packed import pack_linears
 from blipserve.model.retrieval import is_retrieval_config
 from blipserve.outputs import Generation, IncrementalDecoder, StopCheck, stop_check, to_generation
 from blipserve.processing.fetch import UrlPolicy
@@ -51,6 +52,7 @@ def load(
     image_limits: ImageLimits | None = None,
     url_policy: UrlPolicy | None = None,
     quantize: str | None = None,
+    for_training: bool = False,
 ) -> Pipeline:
     """Load a BLIP-2 checkpoint (``demo``, a local directory or a Hub id) into a Pipeline.
 
@@ -58,6 +60,9 @@ def load(
     (AVX512-BF16 or AMX); float32 on other CPUs (see :func:`blipserve.resolve.resolve_dtype`).
     ``quantize="int8"``: int8 weights for the language model (half of bfloat16's memory,
     faster decoding on a CPU); outputs differ slightly from the unquantized model's.
+    On a CPU, bfloat16 linear layers get their weights pre-packed for oneDNN
+    (:mod:`blipserve.model.packed`); ``for_training=True`` keeps every module plain
+    (differentiable, with a complete state dict): what the trainers load.
     """
     directory = resolve_checkpoint(model)
     target = resolve_device(device)
@@ -78,6 +83,8 @@ def load(
         dtype=resolve_dtype(dtype, target),
         quantize=None if quantize == "none" else quantize,
     )
+    if not for_training and target.type == "cpu":
+        pack_linears(blip2)
     return Pipeline(
         blip2,
         Tokenizer.from_pretrained(directory),

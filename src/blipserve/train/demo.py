@@ -234,7 +234,7 @@ def build(
 
 def _load_earlier(directory: Path) -> Pipeline:
     """An earlier demo build, on the CPU in float32, for its tokenizer and language model."""
-    return load(str(directory), device="cpu", dtype="float32")
+    return load(str(directory), device="cpu", dtype="float32", for_training=True)
 
 
 def _scores(report: EvalReport) -> dict:

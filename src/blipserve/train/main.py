@@ -105,7 +105,7 @@ def run_train_stage2(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     config.validate()
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, for_training=True)
     if args.qformer_from:
         matcher = load_matcher(args.qformer_from, device=args.device, dtype="float32")
         adopt_stage1_qformer(pipe.model, matcher.model)

@@ -124,7 +124,7 @@ def stage1_start(
             if name != "vision_model":
                 child.float()  # trained parts keep float32 master weights
         return matcher.model, matcher.codec, matcher.image_processor
-    pipe = load(checkpoint, device=device, dtype=dtype)
+    pipe = load(checkpoint, device=device, dtype=dtype, for_training=True)
     backend = pipe.tokenizer.backend
     size = backend.get_vocab_size()
     codec = TextCodec(
