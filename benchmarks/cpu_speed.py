@@ -31,7 +31,6 @@ from photos import photo_batch, reference_image_processor
 
 DEFAULT_CHECKPOINT = Path("/tmp/blip2-opt-2.7b-random-fp32")
 VARIANTS = ("transformers", "blipserve", "blipserve-int8")
-QUESTION = "Question: what is in the picture? Answer:"
 
 
 def cpu_capability() -> dict:
@@ -145,12 +144,13 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     latencies = [timed(lambda: impl.caption(photos[:1], n))[0] for _ in range(args.repeats)]
     tokens_single = impl.caption(photos[:1], n)
     batch_s, tokens_batch = timed(lambda: impl.caption(photos[:8], n))
-    # A conversation about an image not seen before: the first turn, then a follow-up.
-    image = photos[9]
+    # A conversation about an image not seen before: the first turn, then a follow-up,
+    # each answered in --chat-tokens tokens (VQA answers are a few words).
+    image, m = photos[9], args.chat_tokens
     messages = [{"role": "user", "content": "what is in the picture?"}]
-    first_s, reply = timed(lambda: impl.chat(image, messages, n))
+    first_s, reply = timed(lambda: impl.chat(image, messages, m))
     messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "where?"}]
-    follow_up_s, _ = timed(lambda: impl.chat(image, messages, n))
+    follow_up_s, _ = timed(lambda: impl.chat(image, messages, m))
     return {
         "variant": variant,
         "dtype": impl.dtype,
@@ -215,7 +215,8 @@ def report(capability: dict, results: dict[str, dict], args: argparse.Namespace)
         f"CPU: {capability['cpu']}, {capability['cores']} threads, flags "
         f"{' '.join(capability['flags'])}, torch {capability['torch']} "
         f"({capability['torch_capability']}), native bf16: {capability['native_bf16']}",
-        f"checkpoint {args.checkpoint}, greedy, max_new_tokens {args.max_new_tokens}",
+        f"checkpoint {args.checkpoint}, greedy, max_new_tokens {args.max_new_tokens} "
+        f"({args.chat_tokens} per chat turn)",
         "",
         "| measure | " + " | ".join(f"{v} ({r['dtype']})" for v, r in results.items()) + " |",
         "|---|" + "---|" * len(results),
@@ -256,6 +257,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chat-tokens", type=int, default=5, help="new tokens per chat turn")
     parser.add_argument("--profile", nargs="?", const="default", choices=["default", "int8"])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)

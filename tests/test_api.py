@@ -7,6 +7,7 @@ import torch
 
 import blipserve
 from blipserve.outputs import IncrementalDecoder, truncate_at_stop
+from blipserve.processing.prompts import chat_prompt
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,36 @@ def test_chat_follow_ups_and_repeated_images_encode_the_image_once(tiny_checkpoi
     assert len(runs) == 2  # three questions about one new image: one encoder run
     assert answers == uncached.generate([images[1]] * 3, questions, max_new_tokens=5)
     assert (pipe.prefix_cache.hits, pipe.prefix_cache.misses) == (3, 2)
+
+
+def test_a_chat_follow_up_prefills_only_its_new_tokens(tiny_checkpoint, images):
+    """The second turn's prompt extends the first turn's prompt and reply: those positions
+    come from the first turn's cache, and the answer is the one a fresh run gives."""
+    pipe = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+    fresh = blipserve.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+    fresh.conversation = None
+    fed: list[int] = []  # positions each language-model call runs
+    pipe.model.language_model.register_forward_hook(
+        lambda _m, args, _o: fed.append(args[0].shape[1])
+    )
+    image = images[0]
+    messages = [{"role": "user", "content": "what is it?"}]
+    first = pipe.chat(image, messages, max_new_tokens=6, min_new_tokens=6)
+    first_prefill = fed[0]
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "and where?"}]
+    fed.clear()
+    second = pipe.chat(image, messages, max_new_tokens=6, min_new_tokens=6)
+    assert pipe.conversation.reused == 1
+    # At least the image queries and turn one's prompt came from the cache (its reply too,
+    # where the reply's text encodes back to the same ids).
+    second_prompt = len(pipe.tokenizer.encode(chat_prompt(messages)))
+    first_prompt = len(pipe.tokenizer.encode(chat_prompt(messages[:1])))
+    assert fed[0] <= second_prompt - first_prompt < first_prefill
+    assert second == fresh.chat(image, messages, max_new_tokens=6, min_new_tokens=6)
+    # Another image, or several sequences, start afresh.
+    pipe.chat(images[1], messages, max_new_tokens=3)
+    pipe.generate([image], [""], num_beams=2, max_new_tokens=3)
+    assert pipe.conversation.reused == 1
 
 
 def test_stream_yields_the_same_text_as_generate(pipe, images):

@@ -143,14 +143,14 @@ def test_bin_files_are_loaded_weights_only(single):
 
 
 def test_lm_head_is_tied_when_absent(single):
-    model = blipserve.load(str(single), device="cpu").model
+    model = blipserve.load(str(single), device="cpu", for_training=True).model  # unpacked
     lm = model.language_model
     assert lm.lm_head.weight.data_ptr() == lm.model.decoder.embed_tokens.weight.data_ptr()
 
 
 def test_weights_load_straight_into_the_target_dtype(single):
     """bf16 load: the big parts are bf16, nothing random, values equal the file's."""
-    model = blipserve.load(str(single), device="cpu", dtype="bfloat16").model
+    model = blipserve.load(str(single), device="cpu", dtype="bfloat16", for_training=True).model
     stored = load_file(single / "model.safetensors")
     name = "vision_model.encoder.layers.0.mlp.fc1.weight"
     ours = dict(model.named_parameters())[name]

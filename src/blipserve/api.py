@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from blipserve.engine.conversation import ConversationCache
 from blipserve.engine.generate import generate, stream
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.prefix_cache import PrefixCache, pixels_key
@@ -117,6 +118,7 @@ class Pipeline:
         image_limits: ImageLimits | None = None,
         url_policy: UrlPolicy | None = None,
         prefix_cache_size: int = PREFIX_CACHE_SIZE,
+        reuse_turns: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -127,6 +129,8 @@ class Pipeline:
         self.image_limits = image_limits or ImageLimits()
         self.url_policy = url_policy  # None: image URLs are fetched from public addresses only
         self.prefix_cache = PrefixCache(prefix_cache_size)
+        # The last single-image generation's K/V: a chat follow-up prefills only new tokens.
+        self.conversation = ConversationCache() if reuse_turns else None
 
     @property
     def device(self) -> torch.device:
@@ -175,8 +179,11 @@ class Pipeline:
         """(B, 3, H, W) pixels -> (B, Q, d_lm) prefix embeddings (vision encoder + Q-Former),
         on this pipeline's device, in the model dtype. Images seen lately (the same pixels:
         a chat follow-up, another question) come from the prefix cache."""
-        keys = [pixels_key(image) for image in pixels]
-        return torch.stack(self.prefix_cache.prefixes(keys, list(pixels), self._encode))
+        return self._prefix([pixels_key(image) for image in pixels], pixels)
+
+    def _prefix(self, keys: list[str], pixels: torch.Tensor) -> torch.Tensor:
+        encode = self._encode
+        return torch.stack(self.prefix_cache.prefixes(keys, list(pixels), encode))
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.image_prefix(pixels.to(self.device))
@@ -205,17 +212,31 @@ class Pipeline:
     def generate_from_pixels(
         self, pixels: torch.Tensor, prompts: Sequence[str], params: GenerationParams
     ) -> list[list[Generation]]:
-        """(B, 3, H, W) pixels and B prompts -> per image, its generations."""
-        return self.generate_from_prefix(self.image_prefix(pixels), prompts, params)
+        """(B, 3, H, W) pixels and B prompts -> per image, its generations. One image: a
+        follow-up about it reuses the previous turn's computed positions."""
+        keys = [pixels_key(image) for image in pixels]
+        with torch.inference_mode():
+            prefix = self._prefix(keys, pixels)
+        return self._generate(prefix, prompts, params, keys)
 
-    @torch.inference_mode()
     def generate_from_prefix(
         self, prefix: torch.Tensor, prompts: Sequence[str], params: GenerationParams
     ) -> list[list[Generation]]:
         """(B, Q, d_lm) prefix embeddings and B prompts -> per image, its generations."""
+        return self._generate(prefix, prompts, params, None)
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prefix: torch.Tensor,
+        prompts: Sequence[str],
+        params: GenerationParams,
+        image_keys: list[str] | None,
+    ) -> list[list[Generation]]:
         prompt_ids = self.tokenizer.encode_batch(list(prompts))
         lm = self.model.language_model
-        outputs = generate(lm, prefix, prompt_ids, params, **self._engine_options(params))
+        options = self._engine_options(params) | self._follow_up(image_keys)
+        outputs = generate(lm, prefix, prompt_ids, params, **options)
         return [
             [to_generation(self.tokenizer, s.token_ids, s.finish_reason, params.stop) for s in row]
             for row in outputs
@@ -243,11 +264,14 @@ class Pipeline:
         params = self.params(**gen)
         if params.num_beams > 1 or params.num_return_sequences > 1:
             raise InvalidRequest("streaming needs num_beams=1 and num_return_sequences=1")
-        prefix = self.image_prefix(self.preprocess([image]))  # (1, Q, d_lm)
+        pixels = self.preprocess([image])
+        keys = [pixels_key(pixels[0])]
+        prefix = self._prefix(keys, pixels)  # (1, Q, d_lm)
         prompt_ids = self.tokenizer.encode_batch([prompt or ""])
         decoder = IncrementalDecoder(self.tokenizer, params.stop)
         lm = self.model.language_model
-        for event in stream(lm, prefix, prompt_ids, params, **self._engine_options(params)):
+        options = self._engine_options(params) | self._follow_up(keys)
+        for event in stream(lm, prefix, prompt_ids, params, **options):
             delta = decoder.push(event.token_id)
             if delta:
                 yield delta
@@ -259,6 +283,12 @@ class Pipeline:
     def stop_check(self, stops: Sequence[str]) -> StopCheck | None:
         """new token ids -> has one of ``stops`` appeared in their text? (None: no stops)"""
         return stop_check(self.tokenizer, stops)
+
+    def _follow_up(self, image_keys: list[str] | None) -> dict[str, Any]:
+        """Engine options that let one image's generation continue the last turn's cache."""
+        if self.conversation is None or image_keys is None or len(image_keys) != 1:
+            return {}
+        return {"conversation": self.conversation, "image_key": image_keys[0]}
 
     def _engine_options(self, params: GenerationParams) -> dict[str, Any]:
         """The checkpoint's token ids, and a stop-string check when stop strings are set."""

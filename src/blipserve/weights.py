@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -105,37 +106,57 @@ SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of a safetensors file, each read into memory of its own.
+    """(name, tensor) pairs of a safetensors file, each a view of the mapped file whose
+    pages are handed back to the system once the caller has taken the next tensor.
 
     The format is an 8-byte little-endian header length, a JSON header (name -> dtype,
-    shape, byte offsets) and the raw data. safetensors' own reader maps the whole file,
-    and every page it touches stays in this process's memory until the file closes: a
-    float32 checkpoint loaded as bfloat16 peaked at 20.7 GB for a 7.7 GB model. Plain reads,
-    one tensor at a time, keep the peak near the model's own size.
+    shape, byte offsets) and the raw data. safetensors' own reader keeps every page it
+    touched in this process's memory until the file closes: a float32 checkpoint loaded as
+    bfloat16 peaked at 20.7 GB for a 7.7 GB model. Releasing each tensor's pages after its
+    conversion keeps the peak near the model's own size. A caller that keeps a tensor
+    unconverted still reads correct data: released pages of this private, read-only
+    mapping are read again from the file when touched.
     """
     with open(path, "rb") as file:
         try:
             (length,) = struct.unpack("<Q", file.read(8))
-            if length > os.fstat(file.fileno()).st_size - 8:
+            size = os.fstat(file.fileno()).st_size
+            if length > size - 8:
                 raise ValueError(f"its header claims {length} bytes, more than the file has")
             header = json.loads(file.read(length))
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is not a safetensors file: {exc}") from exc
-        header.pop("__metadata__", None)
-        for name in sorted(header):
-            info = header[name]
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            begin, end = info.get("data_offsets", (0, -1))
-            shape = info.get("shape", [])
-            if dtype is None or end - begin != math.prod(shape) * dtype.itemsize:
-                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
-            data = torch.empty(end - begin, dtype=torch.uint8)
-            file.seek(8 + length + begin)
-            if file.readinto(data.numpy()) != end - begin:
-                raise CheckpointError(f"{path} ends inside tensor {name!r}: the file is cut")
-            yield name, data.view(dtype).reshape(shape)
+        # Tensors made from the mapping keep it alive; it is unmapped when the last goes.
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for name in sorted(header):
+        info = header[name]
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        shape = info.get("shape", [])
+        if dtype is None or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+        if data_start + end > size:
+            raise CheckpointError(f"{path} ends inside tensor {name!r}: the file is cut")
+        if begin == end:
+            yield name, torch.empty(shape, dtype=dtype)
+            continue
+        data = torch.frombuffer(
+            mapped, dtype=torch.uint8, count=end - begin, offset=data_start + begin
+        )
+        yield name, data.view(dtype).reshape(shape)
+        _release(mapped, data_start + begin, data_start + end)
+
+
+def _release(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Drop the whole pages of ``mapped[start:end]`` from this process's memory."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def skip_reason(name: str) -> str | None:
@@ -247,8 +268,10 @@ def checked_tensors(
 
 
 def to_target(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Move at the file's width, then convert where the tensor lands (fast on a GPU)."""
-    return tensor.to(device).to(dtype)
+    """Move at the file's width, then convert where the tensor lands (fast on a GPU).
+    Always a copy: the model never holds a view of the file (which may be rewritten)."""
+    converted = tensor.to(device).to(dtype)
+    return converted.clone() if converted.data_ptr() == tensor.data_ptr() else converted
 
 
 def _check_shape(name: str, tensor: torch.Tensor, want: torch.Tensor, path: Path) -> None:

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from blipserve.engine.beam_search import BeamSearch
+from blipserve.engine.conversation import ConversationCache, ReusedSlots
 from blipserve.engine.kv_cache import KVCache
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.sampling import (
@@ -154,13 +155,23 @@ class DecodeState:
     """What decode steps carry: the KV cache, the key mask, next positions, seen ids."""
 
     def __init__(
-        self, lm: OPTForCausalLM, batch: PromptBatch, max_new_tokens: int, track_seen: bool
+        self,
+        lm: OPTForCausalLM,
+        batch: PromptBatch,
+        max_new_tokens: int,
+        track_seen: bool,
+        reuse: ReusedSlots | None = None,
     ) -> None:
         b, length = batch.key_mask.shape
         total = length + max_new_tokens
         self.lm = lm
         self.batch = batch
         self.cache = KVCache.for_model(lm.config, b, total, batch.embeds.dtype, batch.embeds.device)
+        self.reused = 0  # slots copied from an earlier turn (one unpadded row only)
+        if reuse is not None and b == 1 and not batch.padded:
+            self.reused = reuse.slots
+            self.cache.k[:, :, :, : reuse.slots] = reuse.cache.k[:, :1, :, : reuse.slots]
+            self.cache.v[:, :, :, : reuse.slots] = reuse.cache.v[:, :1, :, : reuse.slots]
         self.key_mask = torch.zeros(b, total, dtype=torch.bool, device=batch.embeds.device)
         self.key_mask[:, :length] = batch.key_mask
         self.next_position = batch.key_mask.sum(dim=1)  # (B,) real tokens so far
@@ -168,8 +179,14 @@ class DecodeState:
         self.seen = seen_token_mask(batch.history_ids, lm.config.vocab_size) if track_seen else None
 
     def prefill(self) -> torch.Tensor:
-        """-> (B, V) logits for the first new token."""
-        return prefill(self.lm, self.batch, self.cache)
+        """-> (B, V) logits for the first new token (only the slots not reused are run)."""
+        if not self.reused:
+            return prefill(self.lm, self.batch, self.cache)
+        start, batch = self.reused, self.batch
+        embeds, positions = batch.embeds[:, start:], batch.position_ids[:, start:]
+        key_mask = self.key_mask[:, : self.length]  # all real: needed past cached slots
+        logits = self.lm(embeds, positions, key_mask, self.cache, start, last_only=True)
+        return logits[:, -1]
 
     def repeat_interleave(self, repeats: int) -> None:
         """Each row becomes ``repeats`` consecutive rows (its beams or samples)."""
@@ -248,6 +265,7 @@ def _prepare(
     params: GenerationParams,
     pad_token_id: int,
     image_token_id: int | None,
+    reuse: ReusedSlots | None = None,
 ) -> DecodeState:
     params.validate()
     batch = build_prompt_batch(
@@ -255,7 +273,8 @@ def _prepare(
     )
     longest = int(batch.key_mask.sum(dim=1).max().item())
     check_fits(lm.config, longest, prefix_embeds.shape[1], params.max_new_tokens)
-    return DecodeState(lm, batch, params.max_new_tokens, params.repetition_penalty != 1.0)
+    track_seen = params.repetition_penalty != 1.0
+    return DecodeState(lm, batch, params.max_new_tokens, track_seen, reuse)
 
 
 def _token_stream(
@@ -344,6 +363,8 @@ def stream(
     pad_token_id: int,
     image_token_id: int | None,
     stop_checker: StopChecker | None = None,
+    conversation: ConversationCache | None = None,
+    image_key: str | None = None,
 ) -> Iterator[TokenEvent]:
     """Yield each new token as it is produced, for every row and sample.
 
@@ -351,8 +372,25 @@ def stream(
     ``prompt_ids`` one token list per image, each starting with BOS. Beam search only knows
     its results at the end: with ``num_beams > 1`` the events of the final sequences are
     yielded after the search, row by row.
+
+    With a ``conversation`` and the image's ``image_key``, one image generating one sequence
+    (greedy or sampling) reuses the cached slots of an earlier turn its prompt extends, and
+    leaves its own for the next turn (:mod:`blipserve.engine.conversation`).
     """
-    state = _prepare(lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id)
+    single = len(prompt_ids) == 1 and params.num_beams == 1 and params.num_return_sequences == 1
+    follows = conversation is not None and image_key is not None and single
+    reuse = None
+    if follows:
+        reuse = conversation.lookup(image_key, prompt_ids[0], prefix_embeds.shape[1])
+    state = _prepare(lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id, reuse)
+    if follows:
+        new_ids = []
+        for event in _token_stream(state, params, eos_token_ids, pad_token_id, stop_checker):
+            new_ids.append(event.token_id)
+            yield event
+        # The cache holds every id but the last new one, which was never fed back.
+        conversation.remember(image_key, prompt_ids[0] + new_ids[:-1], state.cache)
+        return
     if params.num_beams > 1:
         results = _beam_search(state, params, eos_token_ids, stop_checker)
         for row, outputs in enumerate(results):
@@ -376,8 +414,11 @@ def generate(
     pad_token_id: int,
     image_token_id: int | None,
     stop_checker: StopChecker | None = None,
+    conversation: ConversationCache | None = None,
+    image_key: str | None = None,
 ) -> list[list[SequenceOutput]]:
-    """Per input row, ``num_return_sequences`` results (best first for beam search)."""
+    """Per input row, ``num_return_sequences`` results (best first for beam search);
+    ``conversation`` and ``image_key`` as for :func:`stream`."""
     if params.num_beams > 1:
         state = _prepare(lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id)
         return _beam_search(state, params, eos_token_ids, stop_checker)
@@ -393,6 +434,8 @@ def generate(
         pad_token_id=pad_token_id,
         image_token_id=image_token_id,
         stop_checker=stop_checker,
+        conversation=conversation,
+        image_key=image_key,
     ):
         tokens[event.row][event.sample].append(event.token_id)
         if event.finish_reason is not None:
