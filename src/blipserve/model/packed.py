@@ -40,20 +40,23 @@ class PackedLinear(nn.Module):
 
 def pack_linears(root: nn.Module) -> list[str]:
     """Replace every bfloat16 CPU ``nn.Linear`` under ``root`` with a :class:`PackedLinear`
-    (no-op without oneDNN). -> the names replaced."""
+    (no-op without oneDNN). -> the names replaced. One layer at a time, each plain weight
+    freed as its packed copy takes its place, so memory never holds the model twice."""
     if not can_pack():
         return []
-    packed = []
-    for name, module in list(root.named_modules()):
-        weight = getattr(module, "weight", None)
-        if not (
-            isinstance(module, nn.Linear)
-            and weight is not None
-            and weight.dtype == torch.bfloat16
-            and weight.device.type == "cpu"
-        ):
-            continue
+    names = [name for name, module in root.named_modules() if _packable(module)]
+    for name in names:
         parent, _, attr = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, attr, PackedLinear(module))
-        packed.append(name)
-    return packed
+        owner = root.get_submodule(parent) if parent else root
+        setattr(owner, attr, PackedLinear(getattr(owner, attr)))
+    return names
+
+
+def _packable(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Linear)
+        and weight is not None
+        and weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+    )
