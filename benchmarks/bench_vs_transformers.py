@@ -67,15 +67,19 @@ class Transformers:
         ).eval()
         self.processor = reference_image_processor(checkpoint)
         config = self.model.config
-        self.start = [config.image_token_index] * config.num_query_tokens + [
-            config.text_config.bos_token_id
-        ]
+        self.queries = [config.image_token_index] * config.num_query_tokens
+        self.bos = config.text_config.bos_token_id
+
+    def run(self, images: list, max_new_tokens: int) -> list[list[int]]:
+        """Captions: the reference's empty prompt (BOS only)."""
+        return self.generate(images, [self.bos], max_new_tokens)
 
     @torch.inference_mode()
-    def run(self, images: list, max_new_tokens: int) -> list[list[int]]:
+    def generate(self, images: list, prompt_ids: list[int], max_new_tokens: int) -> list:
+        """New token ids per image for one prompt (``prompt_ids`` start with BOS)."""
         pixels = self.processor(images, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, self.model.dtype)
-        input_ids = torch.tensor([self.start] * len(images), device=self.device)
+        input_ids = torch.tensor([self.queries + prompt_ids] * len(images), device=self.device)
         out = self.model.generate(
             pixel_values=pixels,
             input_ids=input_ids,

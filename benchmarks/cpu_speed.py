@@ -27,8 +27,9 @@ import torch
 from PIL import ImageOps
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_vs_transformers import Transformers as TransformersBaseline
 from full_size import build
-from photos import photo_batch, reference_image_processor
+from photos import photo_batch
 
 DEFAULT_CHECKPOINT = Path("/tmp/blip2-opt-2.7b-random-fp32")
 VARIANTS = ("transformers", "blipserve", "blipserve-int8")
@@ -81,40 +82,20 @@ class Blipserve:
         return self.pipe.chat(image, messages, max_new_tokens=max_new_tokens)
 
 
-class Transformers:
-    def __init__(self, checkpoint: str, dtype: str) -> None:
-        from transformers import Blip2ForConditionalGeneration
+class Transformers(TransformersBaseline):
+    """transformers' ``generate`` (bench_vs_transformers.py's baseline) with chat turns."""
 
+    def __init__(self, checkpoint: str, dtype: str) -> None:
         from blipserve.processing.prompts import chat_prompt
         from blipserve.processing.tokenizer import Tokenizer
 
+        super().__init__(checkpoint, "cpu", dtype)
         self.dtype = dtype
-        self.model = Blip2ForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=getattr(torch, dtype)
-        ).eval()
-        self.processor = reference_image_processor(checkpoint)
-        self.tokenizer = Tokenizer.from_pretrained(Path(checkpoint))  # same ids as the reference
+        self.tokenizer = Tokenizer.from_pretrained(Path(checkpoint))  # the reference's ids
         self.chat_prompt = chat_prompt
-        config = self.model.config
-        self.queries = [config.image_token_index] * config.num_query_tokens
-
-    @torch.inference_mode()
-    def generate(self, images: list, prompt_ids: list[int], max_new_tokens: int) -> list:
-        pixels = self.processor(images, return_tensors="pt")["pixel_values"].to(self.model.dtype)
-        input_ids = torch.tensor([self.queries + prompt_ids] * len(images))
-        out = self.model.generate(
-            pixel_values=pixels,
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-        new = out[:, input_ids.shape[1] :] if out.shape[1] > input_ids.shape[1] else out
-        eos = self.model.generation_config.eos_token_id
-        return [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in new.tolist()]
 
     def caption(self, images: list, max_new_tokens: int) -> list[list[int]]:
-        return self.generate(images, self.tokenizer.encode(""), max_new_tokens)
+        return self.run(images, max_new_tokens)
 
     def chat(self, image, messages: list[dict], max_new_tokens: int) -> str:
         ids = self.tokenizer.encode(self.chat_prompt(messages))
