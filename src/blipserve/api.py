@@ -182,8 +182,7 @@ class Pipeline:
         return self._prefix([pixels_key(image) for image in pixels], pixels)
 
     def _prefix(self, keys: list[str], pixels: torch.Tensor) -> torch.Tensor:
-        encode = self._encode
-        return torch.stack(self.prefix_cache.prefixes(keys, list(pixels), encode))
+        return torch.stack(self.prefix_cache.prefixes(keys, list(pixels), self._encode))
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.image_prefix(pixels.to(self.device))
