@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from PIL import ImageOps
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_vs_transformers import Transformers as TransformersBaseline
+from bench_vs_transformers import peak_rss_mb
 from full_size import build
 from photos import photo_batch
 
@@ -141,7 +141,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         "batch8_s_per_image": batch_s / 8,
         "chat_first_s": first_s,
         "chat_follow_up_s": follow_up_s,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_mb() / 1024,
         "tokens_single": tokens_single,
         "tokens_batch": tokens_batch,
     }

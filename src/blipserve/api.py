@@ -59,10 +59,13 @@ def load(
 
     ``dtype="auto"``: bfloat16 on a GPU, and on a CPU that computes bfloat16 natively
     (AVX512-BF16 or AMX); float32 on other CPUs (see :func:`blipserve.resolve.resolve_dtype`).
+    ``dtype="float32"`` by name is the exact path: token-identical to transformers.
     ``quantize="int8"``: int8 weights for the language model (half of bfloat16's memory,
     faster decoding on a CPU); outputs differ slightly from the unquantized model's.
-    On a CPU, bfloat16 linear layers get their weights pre-packed for oneDNN
-    (:mod:`blipserve.model.packed`); ``for_training=True`` keeps every module plain
+    On a CPU, linear layers get their weights pre-packed for oneDNN
+    (:mod:`blipserve.model.packed`): bfloat16 ones always, float32 ones under ``auto``
+    (faster; sums in another order, so tokens may rarely differ from transformers');
+    ``for_training=True`` keeps every module plain
     (differentiable, with a complete state dict): what the trainers load.
     """
     directory = resolve_checkpoint(model)
@@ -85,7 +88,9 @@ def load(
         quantize=None if quantize == "none" else quantize,
     )
     if not for_training and target.type == "cpu":
-        pack_linears(blip2)
+        # float32 named by the caller keeps transformers' kernels: exact parity
+        auto = dtype is None or dtype == "auto"
+        pack_linears(blip2, (torch.bfloat16, torch.float32) if auto else (torch.bfloat16,))
     return Pipeline(
         blip2,
         Tokenizer.from_pretrained(directory),

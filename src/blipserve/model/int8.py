@@ -4,11 +4,14 @@
 
 Decoding reads every language-model weight once per token, so its speed is the speed of
 reading weights: int8 moves half of bfloat16's bytes and a quarter of float32's. A forward
-with at most :data:`INT8_KERNEL_MAX_ROWS` rows (a decode step) multiplies by the int8
-weights directly (torch's ``_weight_int8pack_mm``); a forward with more rows (a prefill)
-is compute-bound, and there converting the weights to the compute dtype, one dense matmul
-and a per-channel scale of its output is faster (measured: at 40 rows the int8 kernel
-is 2.5x slower than bfloat16's matmul).
+with at most :func:`kernel_max_rows` rows (a decode step, a short prefill) multiplies by
+the int8 weights directly (torch's ``_weight_int8pack_mm``); a forward with more rows is
+compute-bound, and there converting the weights to the activations' dtype, one dense
+matmul and a per-channel scale of its output is faster. Where that crossover lies depends
+on the dense path's dtype (measured at 10240 x 2560): in bfloat16 (a CPU with native
+bfloat16) the dense path wins from ~40 rows, the int8 kernel being 2.5x slower there; in
+float32 (the default on AVX2 CPUs) converting the weight alone takes ~50 ms, and the int8
+kernel wins up to ~200 rows.
 
 :func:`quantize_weight` is what the loader calls on each weight as it streams the
 checkpoint (:mod:`blipserve.weights`), so the full-precision model never exists whole.
@@ -22,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INT8_KERNEL_MAX_ROWS = 16  # rows up to which the int8 kernel beats dequantize + matmul
+# rows up to which the int8 kernel beats dequantize + matmul, by the dense path's dtype
+INT8_KERNEL_MAX_ROWS_FLOAT32 = 128
+INT8_KERNEL_MAX_ROWS_HALF = 16  # bfloat16, float16
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +64,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        dtype = self.scales.dtype
-        if rows.shape[0] <= INT8_KERNEL_MAX_ROWS and _has_int8_kernel(rows.device):
-            out = torch.ops.aten._weight_int8pack_mm(rows.to(dtype), self.weight, self.scales)
+        if rows.shape[0] <= kernel_max_rows(x.dtype) and _has_int8_kernel(rows.device):
+            out = torch.ops.aten._weight_int8pack_mm(
+                rows.to(self.scales.dtype), self.weight, self.scales
+            )
         else:
-            # x (Q s)^T = (x Q^T) s: scale the (M, N) output, not the (N, K) weight
-            out = F.linear(rows.to(dtype), self.weight.to(dtype)) * self.scales
+            # x (Q s)^T = (x Q^T) s: scale the (M, N) output, not the (N, K) weight. In the
+            # model's dtype: bfloat16 matmul is emulated (5x slower) on a CPU without it.
+            out = F.linear(rows, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
@@ -82,6 +89,11 @@ def replace_linears(root: nn.Module, compute_dtype: torch.dtype) -> list[str]:
             setattr(root.get_submodule(parent) if parent else root, attr, replacement)
             swapped.append(name)
     return swapped
+
+
+def kernel_max_rows(dtype: torch.dtype) -> int:
+    """Rows up to which a forward in ``dtype`` takes the int8 kernel (see the module doc)."""
+    return INT8_KERNEL_MAX_ROWS_FLOAT32 if dtype == torch.float32 else INT8_KERNEL_MAX_ROWS_HALF
 
 
 @functools.cache
