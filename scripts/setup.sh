@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Create .venv and install blipserve with its test dependencies.
+# Create .venv and install blipserve with what running it needs; --test adds the test
+# extras (transformers, ray, schemathesis, ...), which scripts/test.sh asks for.
 #
 # torch is installed first and pinned (TORCH_SPEC): a bare `torch` requirement on a
 # machine without torch pulls the newest CUDA build (several GB). Override TORCH_SPEC
-# for another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CPU wheel index>".
+# for another build, e.g. for an NVIDIA GPU:
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+case "${1:-}" in
+    "") target='.' ;;
+    --test) target='.[test]' ;;
+    *) echo "usage: scripts/setup.sh [--test]" >&2; exit 1 ;;
+esac
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 VENV="${VENV:-.venv}"
@@ -18,5 +25,5 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
     "${pip[@]}" $TORCH_SPEC
 fi
-"${pip[@]}" -e '.[test]'
+"${pip[@]}" -e "$target"
 echo "blipserve installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

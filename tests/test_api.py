@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import blipserve
+from blipserve.errors import HistoryTruncated
 from blipserve.outputs import IncrementalDecoder, truncate_at_stop
 from blipserve.processing.prompts import chat_prompt
 
@@ -71,6 +72,26 @@ def test_sampling_with_a_seed_is_repeatable(pipe, images):
     assert ids(first) != ids(other)
 
 
+def test_one_sampling_rule_temperature_alone_samples_and_zero_is_greedy(pipe, images):
+    """The rule the CLI, the Python API and the server share (README: Generation defaults)."""
+    ids = lambda rows: [g.token_ids for row in rows for g in row]  # noqa: E731
+    hot = pipe.generate(images, seed=7, max_new_tokens=8, temperature=5.0)
+    assert ids(hot) == ids(
+        pipe.generate(images, do_sample=True, seed=7, max_new_tokens=8, temperature=5.0)
+    )
+    greedy = pipe.generate(images, max_new_tokens=8)
+    assert ids(hot) != ids(greedy)
+    assert ids(pipe.generate(images, max_new_tokens=8, temperature=0)) == ids(greedy)
+    assert pipe.params(top_p=0.9).do_sample and pipe.params(top_k=5).do_sample
+    assert pipe.params(temperature=0) == pipe.params()
+    with pytest.raises(
+        blipserve.InvalidRequest, match="do_sample is false, so temperature, top_k would"
+    ):
+        pipe.params(do_sample=False, temperature=0.7, top_k=5)
+    with pytest.raises(blipserve.InvalidRequest, match="num_beams > 1 is not supported"):
+        pipe.params(num_beams=3, temperature=0.7)
+
+
 def test_caption_prompt_applies_to_every_image(pipe, images):
     assert pipe.caption(images, "a photo of", max_new_tokens=5) == [
         pipe.caption([im], ["a photo of"], max_new_tokens=5)[0] for im in images
@@ -103,6 +124,36 @@ def count_encoder_runs(pipe) -> list[int]:
     runs: list[int] = []
     pipe.model.vision_model.register_forward_hook(lambda *_: runs.append(1))
     return runs
+
+
+def test_chat_keeps_the_newest_turns_that_fit(pipe, images):
+    """A history too long to leave room for max_new_tokens: the newest turns that fit, a
+    HistoryTruncated warning; a question that alone fills the positions: InvalidRequest."""
+    long = "a" + " a" * (pipe.room("") - 20)  # fits alone, not with another question
+    history = [
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": "a cat"},
+        {"role": "user", "content": "what colour is it?"},
+    ]
+    with pytest.warns(
+        HistoryTruncated, match=f"{pipe.context_length} positions allow with max_new_tokens=6"
+    ):
+        reply = pipe.chat(images[0], history, max_new_tokens=6)
+    assert (
+        reply == pipe.generate([images[0]], [chat_prompt(history[2:])], max_new_tokens=6)[0][0].text
+    )
+    with pytest.raises(blipserve.InvalidRequest, match="no room is left to generate"):
+        pipe.ask(images[0], long + " a a a a a a a a a a a a a a a a a a a a")
+
+
+def test_an_answer_ends_where_the_positions_run_out(pipe, images):
+    prompt = "a" + " a" * (pipe.room("") - 4)  # leaves 3 positions
+    (row,) = pipe.generate([images[1]], [prompt], max_new_tokens=50, min_new_tokens=50)
+    assert len(row[0].token_ids) == 3 and row[0].finish_reason == "length"
+    assert (
+        "".join(pipe.stream(images[1], prompt, max_new_tokens=50, min_new_tokens=50)).strip()
+        == row[0].text
+    )
 
 
 def test_chat_follow_ups_and_repeated_images_encode_the_image_once(tiny_checkpoint, images):

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from PIL import Image
 
 from blipserve.batch import runner
-from blipserve.batch.job import BatchSpec, make_plan
+from blipserve.batch.job import BatchSpec, make_plan, manifest, resolve_params
 from blipserve.batch.main import EXIT_THRESHOLD, main
-from blipserve.batch.progress import Result, ResumeConflict
+from blipserve.batch.progress import Progress, Result, ResumeConflict
 from blipserve.batch.sinks import write_output
 from blipserve.batch.sources import InputError, discover, read_chunk, scan_chunks
 from tests.batch_inputs import jpeg_bytes, mixed_folder, write_azure_sample_csv, write_jsonl
@@ -243,12 +244,36 @@ def test_formats_agree_and_rerun_only_merges(tiny_checkpoint, folder, tmp_path):
 def test_other_settings_are_refused_until_restart(tiny_checkpoint, folder, tmp_path):
     out = tmp_path / "out"
     runner.run(spec_for(tiny_checkpoint, folder, out, limit=3), progress_bar=False)
-    with pytest.raises(ResumeConflict, match="limit"):
+    with pytest.raises(ResumeConflict, match="--limit was 3, now 4"):
         runner.run(spec_for(tiny_checkpoint, folder, out, limit=4), progress_bar=False)
     summary = runner.run(
         spec_for(tiny_checkpoint, folder, out, limit=4), restart=True, progress_bar=False
     )
     assert (summary.rows, summary.done) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"gen": {"max_new_tokens": 7}}, "--max-new-tokens was 6, now 7"),
+        ({"gen": {**GEN, "do_sample": True}}, "--sample was false, now true"),
+        ({"exif_transpose": False}, "--no-exif is given now"),
+        ({"chunk_size": 2}, "--chunk-size was 256, now 2"),
+        ({"model": "elsewhere"}, '--model was "demo", now "elsewhere"'),
+    ],
+)
+def test_a_resume_with_other_flags_names_the_flag(folder, tmp_path, change, named):
+    """A rerun into the same OUTPUT_DIR says which flag differs, and how (no model loads)."""
+
+    def record(spec: BatchSpec) -> dict:
+        plan = make_plan(spec)
+        return manifest(spec, plan, resolve_params(dataclasses.replace(spec, model="demo")))
+
+    first = BatchSpec(input=str(folder), output_dir=str(tmp_path), device="cpu", gen=GEN)
+    Progress(tmp_path).start(record(first))
+    with pytest.raises(ResumeConflict) as refused:
+        Progress(tmp_path).start(record(dataclasses.replace(first, **change)))
+    assert f"({named}); use the same command" in str(refused.value)
 
 
 def test_progress_of_an_older_chunking_is_refused(tiny_checkpoint, folder, tmp_path):
@@ -291,10 +316,53 @@ def test_error_threshold(tiny_checkpoint, folder, tmp_path, capsys, threshold, c
 
 def test_dry_run_counts_rows_and_writes_nothing(folder, tmp_path, capsys):
     assert main([str(folder), str(tmp_path / "out"), "--dry-run", "--recursive"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert report["rows"] == 15 and report["files"]["azure.csv"] == 5
     assert report["files"]["cat.png"] == report["files"]["coffee.jpg"] == 1  # one shared chunk
     assert not (tmp_path / "out").exists()
+
+
+def eight_bad_rows_of_ten(folder: Path) -> Path:
+    """A table whose rows 1-3 and 5-9 fail, each for a reason its header or form shows."""
+    examples = Path(__file__).parents[1] / "examples"
+    for name in ("scene-1.png", "scene-2.png"):
+        (folder / name).write_bytes((examples / name).read_bytes())
+    (folder / "notes.txt").write_text("not a picture\n")
+    Image.new("1", (7000, 7000)).save(folder / "huge.png")  # 49 megapixels, a few kB
+    images = [
+        "scene-1.png",
+        "missing.png",  # no such file
+        "notes.txt",  # a file that is not an image
+        "ftp://example.com/a.png",  # a scheme we do not fetch
+        "scene-2.png",
+        "http:///a.png",  # no host
+        "huge.png",  # over the pixel limit, refused before decoding
+        "",  # empty cell
+        base64.b64encode(b"hello, world").decode(),  # base64 of text
+        "data:text/plain,hello",  # a data URL that is not base64
+    ]
+    table = folder / "table.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["image"], *[[image] for image in images]])
+    return table
+
+
+def test_dry_run_reports_the_bad_rows_a_real_run_writes(tmp_path, capsys):
+    """Eight bad rows of ten: the dry run names the same rows with the same messages as
+    the real run's errors.jsonl, without a model, a download or any pixel decoding."""
+    table = eight_bad_rows_of_ten(tmp_path)
+    out = tmp_path / "out"
+    assert main([str(table), str(out), "--dry-run"]) == 0
+    *dry, summary = capsys.readouterr().out.splitlines()
+    assert json.loads(summary) == {"files": {"table.csv": 10}, "rows": 10, "failed": 8}
+    assert not out.exists()
+    argv = [str(table), str(out), "--model", "demo", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    real = (out / "errors.jsonl").read_text().splitlines()
+    assert [json.loads(line)["row"] for line in real] == [1, 2, 3, 5, 6, 7, 8, 9]
+    assert dry == real
+    assert main([str(table), str(tmp_path / "o2"), "--dry-run", "--error-threshold", "7"]) == 3
+    assert "8 rows would fail, over --error-threshold 7" in capsys.readouterr().err
 
 
 # -- transient failures ------------------------------------------------------------------------

@@ -101,14 +101,29 @@ def test_cancelled_requests_leave_and_others_are_unaffected(pipe, prefixes, phot
     assert keep.new_ids == alone(pipe, photos, "astronaut", "", max_new_tokens=10)
 
 
-def test_beam_search_and_overlong_prompts_are_refused(pipe, prefixes):
+def test_beam_search_and_prompts_without_room_are_refused(pipe, prefixes):
     batch = new_batch(pipe)
     with pytest.raises(blipserve.InvalidRequest, match="greedy and sampling"):
         batch.add([request(pipe, prefixes, "chelsea", "", num_beams=3)])
-    limit = pipe.model.config.text.max_position_embeddings
-    with pytest.raises(blipserve.InvalidRequest, match="positions"):
-        batch.add([request(pipe, prefixes, "chelsea", "", max_new_tokens=limit)])
+    room = pipe.room("")
+    with pytest.raises(blipserve.InvalidRequest, match="no room is left"):
+        batch.add([request(pipe, prefixes, "chelsea", "a" + " a" * room)])
     assert len(batch) == 0
+
+
+def test_a_request_ends_where_the_positions_run_out(pipe, prefixes, photos):
+    """``max_new_tokens`` beyond the room the prompt leaves: "length" at the model's last
+    position, the tokens those it makes alone; the request beside it is untouched."""
+    long_prompt = "a" + " a" * (pipe.room("") - 6)  # leaves 5 positions
+    assert pipe.room(long_prompt) == 5
+    gen = {"max_new_tokens": 50, "min_new_tokens": 50}  # no early eos
+    batch = new_batch(pipe)
+    cut = request(pipe, prefixes, "chelsea", long_prompt, **gen)
+    other = request(pipe, prefixes, "coffee", "", max_new_tokens=9)
+    run(batch, {0: [cut, other]})
+    assert cut.finished == ["length"] and len(cut.new_ids[0]) == 5
+    assert cut.new_ids == alone(pipe, photos, "chelsea", long_prompt, **gen)
+    assert other.new_ids == alone(pipe, photos, "coffee", "", max_new_tokens=9)
 
 
 def test_eos_ends_a_sample(pipe, prefixes, photos):

@@ -23,7 +23,7 @@ from skimage import data as skdata
 
 from blipserve.errors import InvalidImage
 from blipserve.processing.fetch import UrlPolicy, fetch_url
-from blipserve.processing.images import load_image, load_images
+from blipserve.processing.images import check_image, load_image, load_images
 from blipserve.processing.limits import ImageLimits
 from tests.examples import png_bytes
 from tests.live_server import free_port
@@ -240,6 +240,8 @@ def test_decompression_bomb_beyond_pil_limit() -> None:
     bomb = png_header_only(30000, 30000)
     assert len(bomb) < 200
     assert_invalid(bomb, "900 megapixels", "over the 40 megapixel limit")
+    # a number a person reads, not 1e+04
+    assert_invalid(png_header_only(100000, 100000), "image is 10,000 megapixels, over the 40")
 
 
 def test_too_many_pixels_refused_before_decoding() -> None:
@@ -403,3 +405,20 @@ def test_paths_can_be_refused_for_client_strings(tmp_path):
     assert "secret" not in str(err.value)
     encoded = base64.b64encode(png_bytes("blue", (8, 8))).decode()
     assert load_image(encoded, allow_paths=False).size == (8, 8)
+
+
+def test_check_image_reads_headers_only_and_fetches_nothing() -> None:
+    """check_image refuses what load_image refuses before the pixels, with the same
+    message, without decoding them (a truncated file passes) or fetching a URL."""
+    big = base64.b64encode(png_header_only(8000, 6000)).decode()
+    with pytest.raises(InvalidImage, match="8000x6000 = 48 megapixels") as checked:
+        check_image(big, row=3)
+    with pytest.raises(InvalidImage) as loaded:
+        load_image(big, row=3)
+    assert (checked.value.row, str(checked.value)) == (loaded.value.row, str(loaded.value))
+    truncated = png_bytes("red", (64, 64))[:-40]
+    check_image(truncated)  # the header is fine
+    assert_invalid(truncated, "truncated or corrupt")
+    check_image(f"http://127.0.0.1:{free_port()}/nothing-listens-here.png")
+    with pytest.raises(InvalidImage, match="unsupported URL scheme 'ftp'"):
+        check_image("ftp://example.com/a.png")

@@ -9,6 +9,7 @@ from blipserve.processing.prompts import (
     DEFAULT_VQA_TEMPLATE,
     caption_prompt,
     chat_prompt,
+    fit_chat_prompt,
     normalize_whitespace,
     vqa_prompt,
 )
@@ -94,6 +95,23 @@ def test_chat_flattens_history():
     messages = [user("what is it?"), assistant("a dog"), user("what color?")]
     expected = "Question: what is it? Answer: a dog Question: what color? Answer:"
     assert chat_prompt(messages) == expected
+
+
+def test_fit_chat_prompt_keeps_the_newest_turns_that_fit():
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is it?"},
+        {"role": "assistant", "content": "a cat"},
+        {"role": "user", "content": "what colour?"},
+        {"role": "assistant", "content": "orange"},
+        {"role": "user", "content": "where is it?"},
+    ]
+    whole = chat_prompt(messages)
+    assert fit_chat_prompt(messages, lambda prompt: True) == (whole, 0)
+    newer = chat_prompt(messages[3:])  # a question and its answer at a time
+    assert fit_chat_prompt(messages, lambda prompt: len(prompt) <= len(newer)) == (newer, 2)
+    last = "Question: where is it? Answer:"  # kept even when it does not fit either
+    assert fit_chat_prompt(messages, lambda prompt: False) == (last, 4)
 
 
 def test_chat_custom_template():

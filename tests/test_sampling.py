@@ -200,9 +200,30 @@ def test_stream_yields_exactly_the_generated_tokens(options):
     assert any(o.finish_reason == "stop" for row in expected for o in row)
 
 
-def test_prompt_too_long_for_the_position_table():
-    with pytest.raises(InvalidRequest, match="max_new_tokens"):
-        run(tiny_lm(), max_new_tokens=60)
+@pytest.mark.parametrize(
+    "options", [{}, {"num_beams": 3}, {"num_beams": 3, "early_stopping": "never"}]
+)
+def test_each_row_ends_where_the_positions_run_out(options):
+    """``max_new_tokens`` beyond what a prompt leaves of the 64 positions: each row gets
+    its own room (prefix 4 + prompt + new = 64), ends with "length", and makes the tokens
+    it makes alone."""
+    lm = tiny_lm()
+    rows = run(lm, max_new_tokens=60, **options)
+    for row, prompt in zip(rows, PROMPTS, strict=True):
+        assert [len(o.token_ids) for o in row] == [64 - 4 - len(prompt)]
+        assert row[0].finish_reason == "length"
+    for i in range(2):
+        one = slice(i, i + 1)
+        alone = run(lm, prefix=PREFIX[one], prompts=PROMPTS[one], max_new_tokens=60, **options)
+        assert tokens(alone)[0] == tokens(rows)[i]
+
+
+def test_a_prompt_that_leaves_no_room_is_refused():
+    lm = tiny_lm()
+    with pytest.raises(InvalidRequest, match=r"takes 64 positions .* no room is left"):
+        run(lm, prompts=[[2] * 60, [2]], max_new_tokens=1)
+    (last,), _ = run(lm, prompts=[[2] * 59, [2]], max_new_tokens=5)  # one position left
+    assert len(last.token_ids) == 1 and last.finish_reason == "length"
 
 
 def test_one_prompt_per_image():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def test_sigterm_exits_cleanly_with_a_json_access_log(served):
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     log = process.stderr.read()
     assert "Application shutdown complete" in log and "Traceback" not in log
+    assert re.search(r"loaded model demo \((float32|bfloat16), cpu\) in \d+\.\d s", log), log
     records = [
         json.loads(line[line.index("{") :])
         for line in log.splitlines()
@@ -104,3 +106,12 @@ def test_bad_settings_end_with_one_clear_line(env, flags, message):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
     assert message in stderr and "Traceback" not in stderr
+
+
+def test_a_model_that_does_not_load_ends_the_process_with_the_reason():
+    process = start({}, "--model", "no-such-model", "--port", str(free_port()))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("blipserve: error: model 'no-such-model' did not load: ModelNotFound")
+    assert "loading no-such-model failed" in stderr and "Traceback" not in stderr

@@ -120,6 +120,12 @@ BAD = [
     ({"input_data": {"columns": ["image"], "data": "oops"}}, 400, None, "input_data.data"),
     ({"input_data": split([["x"]]), "params": {"max_new_tokens": -1}}, 400, None, "max_new_tokens"),
     ({"input_data": split([["x"]]), "params": {"beams": 2}}, 400, None, "beams"),
+    (
+        {"input_data": split([["x"]]), "params": {"do_sample": False, "temperature": 0.7}},
+        400,
+        None,
+        "do_sample is false, so temperature would be ignored",
+    ),
     ({"input_data": split([])}, 400, None, "no rows"),
 ]
 

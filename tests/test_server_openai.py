@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from blipserve.errors import InvalidRequest
+from blipserve.errors import HistoryTruncated, InvalidRequest
 from blipserve.processing.prompts import chat_prompt
 from blipserve.server import openai as routes
 from blipserve.server.app import create_app
@@ -107,6 +107,52 @@ def test_history_and_image_only_messages(client, pipe, photos, urls):
         caption.choices[0].message.content == pipe.caption(photos["chelsea"], max_new_tokens=6)[0]
     )
     assert caption.usage.prompt_tokens == pipe.model.config.num_query_tokens + 1  # BOS only
+
+
+def test_long_conversations_keep_their_newest_turns(client, pipe, photos, urls):
+    """A history too long for the model's positions (with room for max_tokens) keeps its
+    newest turns: the answer is the pipeline's chat, which leaves out the same turns."""
+    long = "a" + " a" * (pipe.room("") - 20)  # fits alone, not with another question
+    history = [
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": "a cat"},
+        {"role": "user", "content": "what colour is it?"},
+    ]
+    first = {
+        "role": "user",
+        "content": [image_part(urls["chelsea"]), {"type": "text", "text": long}],
+    }
+    reply = client.chat.completions.create(
+        model="tiny", messages=[first, *history[1:]], max_tokens=6
+    )
+    with pytest.warns(HistoryTruncated, match="oldest turns are left out"):
+        want = pipe.chat(photos["chelsea"], history, max_new_tokens=6)
+    assert reply.choices[0].message.content == want
+    kept = pipe.context_length - pipe.room(chat_prompt(history[2:]))
+    assert reply.usage.prompt_tokens == kept
+
+
+def test_context_length_is_checked_as_vllm_does(client, pipe, urls):
+    """An explicit max_tokens beyond the room left is a 400; without one the answer gets
+    the room left ("length"); a message that alone fills the positions is a 400."""
+    limit = pipe.context_length
+    question = "a" + " a" * (pipe.room(chat_prompt([{"role": "user", "content": "a"}])) - 3)
+    messages = ask(urls["coffee"], question)  # leaves 3 positions
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert caught.value.body["message"] == (
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{limit + 1} tokens ({limit - 3} in the messages, 4 in the completion). Please "
+        "reduce the length of the messages or completion."
+    )
+    reply = client.chat.completions.create(model="tiny", messages=messages)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+    assert reply.usage.total_tokens == limit
+    with pytest.raises(openai.BadRequestError, match="your messages resulted in") as caught:
+        client.chat.completions.create(
+            model="tiny", messages=ask(urls["coffee"], question + " a a a")
+        )
+    assert f"resulted in {limit} tokens" in caught.value.body["message"]
 
 
 def test_n_samples_are_reproducible_with_a_seed(client, urls):

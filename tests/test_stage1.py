@@ -168,7 +168,7 @@ def test_captioning_load_refuses_a_matching_checkpoint(trained):
     with pytest.raises(UnsupportedModel, match="load_matcher"):
         blipserve.load(str(trained[3]), device="cpu")
     with pytest.raises(UnsupportedModel, match="not an image-text matching"):
-        blipserve.load_matcher("demo", device="cpu")
+        blipserve.load_matcher(str(resolve_checkpoint("demo")), device="cpu")  # captioning
 
 
 def test_match_command_prints_scores_per_image(trained, tmp_path, capsys):
@@ -184,7 +184,8 @@ def test_match_command_prints_scores_per_image(trained, tmp_path, capsys):
     assert [r["best"] for r in records] == texts
     assert set(records[0]["similarity"]) == set(records[0]["match"]) == set(texts)
     assert all(0 <= p <= 1 for r in records for p in r["match"].values())
-    assert main(["match", str(red), "--model", "demo", "--text", "a cat"]) == 1
+    captioner = str(resolve_checkpoint("demo"))
+    assert main(["match", str(red), "--model", captioner, "--text", "a cat"]) == 1
     assert "not an image-text matching checkpoint" in capsys.readouterr().err
 
 

@@ -12,6 +12,7 @@ import base64
 import itertools
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ import blipserve
 from blipserve.errors import BlipserveError, InvalidRequest
 from blipserve.model.blip2 import Blip2Config, keeps_fp32
 from blipserve.model.qformer import QFormerConfig
+from blipserve.resolve import resolve_checkpoint
 from blipserve.testing.reference import reference_generate
 from blipserve.train import stage2
 from blipserve.train.checkpoint import (
@@ -510,7 +512,35 @@ def test_train_command_end_to_end(tiny_checkpoint, tmp_path):
     assert load_cpu(output).caption([tmp_path / "red.png"], max_new_tokens=3)
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 1 and "--resume" in again.stderr
+    assert again.returncode == 1 and "add --resume" in again.stderr
+    assert "resume=True" not in again.stderr  # the command's words, not the library's
+
+    resume = command[:]
+    del resume[resume.index("--eval-data") : resume.index("--eval-data") + 2]
+    resumed = subprocess.run(
+        [*resume, "--resume", "--steps", "3"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.splitlines()[-1])
+    assert summary["steps"] == 3 and "eval_loss" not in summary  # no stale evaluation
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (output / "model.safetensors", output / "checkpoint-000001" / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path  # 0644, like the rest
+
+
+def test_train_starts_from_the_demo_model_by_default(tmp_path):
+    command = [
+        sys.executable, "-m", "blipserve", "train", "--synthetic", "2", "--steps", "1",
+        "--batch-size", "2", "--output", str(tmp_path), "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    trained = json.loads((tmp_path / "config.json").read_text())
+    demo = json.loads((resolve_checkpoint("demo") / "config.json").read_text())
+    assert Blip2Config.from_hf(trained) == Blip2Config.from_hf(demo)
 
 
 def test_train_command_reads_synthetic_scenes_and_tables(tmp_path):

@@ -15,6 +15,7 @@ server's scheduler, which decodes through :mod:`blipserve.outputs` like the rest
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from blipserve.engine.conversation import ConversationCache
 from blipserve.engine.generate import generate, stream
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.prefix_cache import PrefixCache, pixels_key
-from blipserve.errors import InvalidRequest, UnsupportedModel
+from blipserve.errors import HistoryTruncated, InvalidRequest, UnsupportedModel
 from blipserve.generation_config import CheckpointDefaults
 from blipserve.model.blip2 import Blip2Config, Blip2Model
 from blipserve.model.packed import pack_linears
@@ -35,7 +36,7 @@ from blipserve.processing.fetch import UrlPolicy
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.images import load_image, load_images
 from blipserve.processing.limits import ImageLimits
-from blipserve.processing.prompts import DEFAULT_VQA_TEMPLATE, chat_prompt, vqa_prompt
+from blipserve.processing.prompts import DEFAULT_VQA_TEMPLATE, fit_chat_prompt, vqa_prompt
 from blipserve.processing.tokenizer import Tokenizer
 from blipserve.resolve import resolve_checkpoint, resolve_device, resolve_dtype
 from blipserve.weights import QUANTIZATIONS, load_model
@@ -141,6 +142,22 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.model.language_projection.weight.device
 
+    @property
+    def context_length(self) -> int:
+        """Positions the language model has: image queries + BOS + prompt + new tokens."""
+        return self.model.config.text.max_position_embeddings
+
+    def room(self, prompt: str) -> int:
+        """New tokens the model's positions leave after the image queries and ``prompt``
+        (BOS included); 0 or less: the prompt alone does not fit."""
+        used = self.model.config.num_query_tokens + len(self.tokenizer.encode(prompt))
+        return self.context_length - used
+
+    def fit_chat(self, messages: Sequence[dict], max_new_tokens: int) -> tuple[str, int]:
+        """The chat prompt of the newest turns that leave room for ``max_new_tokens``, and
+        how many older turns it leaves out (the last user message is always kept)."""
+        return fit_chat_prompt(messages, lambda prompt: self.room(prompt) >= max_new_tokens)
+
     # -- inputs ------------------------------------------------------------------------
 
     def load_images(self, images: Any) -> list[Image.Image]:
@@ -197,10 +214,10 @@ class Pipeline:
         return self.defaults.to_dict(self.tokenizer.bos_token_id)
 
     def params(self, **gen: Any) -> GenerationParams:
-        """Generation options over the checkpoint's defaults, validated."""
-        params = GenerationParams.from_dict({**self.defaults.params, **gen})
-        params.validate()
-        return params
+        """Generation options over the checkpoint's defaults, validated; a ``temperature``,
+        ``top_p`` or ``top_k`` without ``do_sample`` turns sampling on, ``temperature=0``
+        means greedy (:func:`~blipserve.engine.params.sampling_rule`)."""
+        return GenerationParams.resolve(self.defaults.params, gen)
 
     # -- generation --------------------------------------------------------------------
 
@@ -259,8 +276,24 @@ class Pipeline:
         return self.generate([image], [vqa_prompt(question, template)], **gen)[0][0].text
 
     def chat(self, image: Any, messages: Sequence[dict], **gen: Any) -> str:
-        """Reply to the last user message, the history flattened into one prompt."""
-        return self.generate([image], [chat_prompt(messages)], **gen)[0][0].text
+        """Reply to the last user message, the history flattened into one prompt.
+
+        A history too long for the model's positions (with room for ``max_new_tokens``)
+        keeps its newest turns and warns with :class:`HistoryTruncated` (Python shows it
+        once per process); a last message too long on its own gets a shorter answer
+        (finish reason "length") or, leaving no room at all, :class:`InvalidRequest`.
+        """
+        params = self.params(**gen)
+        prompt, dropped = self.fit_chat(messages, params.max_new_tokens)
+        if dropped:
+            warnings.warn(
+                f"the chat history is longer than {self.name or 'the model'}'s "
+                f"{self.context_length} positions allow with max_new_tokens="
+                f"{params.max_new_tokens}: the oldest turns are left out",
+                HistoryTruncated,
+                stacklevel=2,
+            )
+        return self.generate_from_pixels(self.preprocess([image]), [prompt], params)[0][0].text
 
     @torch.inference_mode()
     def stream(self, image: Any, prompt: str | None = None, **gen: Any) -> Iterator[str]:

@@ -11,25 +11,35 @@ and :func:`blipserve.load_matcher`. The other commands live with what they run:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from blipserve.batch.main import add_batch_parser
-from blipserve.errors import BlipserveError
-from blipserve.flags import add_inference_flags, add_model_flags, generation_options
+from blipserve.errors import BlipserveError, HistoryTruncated
+from blipserve.flags import (
+    CommandParser,
+    add_inference_flags,
+    add_model_flags,
+    generation_options,
+)
 from blipserve.server.main import add_serve_parser
 from blipserve.train.main import add_evaluate_parser, add_train_parser
 
 if TYPE_CHECKING:
     from blipserve.api import Pipeline
+    from blipserve.outputs import Generation
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="blipserve", description="BLIP-2 image captioning, visual question answering and chat."
     )
+    version = importlib.metadata.version("blipserve")  # the installed package's metadata
+    parser.add_argument("--version", action="version", version=f"blipserve {version}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     caption = commands.add_parser("caption", help="caption images, one line per image")
@@ -37,15 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", help='text the caption continues, e.g. "a photo of"')
     caption.add_argument("--json", action="store_true", help="print JSON lines")
     caption.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    caption.add_argument("--no-progress", action="store_true", help="no progress bar")
     caption.set_defaults(run=run_caption)
 
     ask = commands.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", help="image path, http(s) URL, or - for stdin")
     ask.add_argument("question")
     ask.add_argument("--template", default=None, help="VQA prompt with {question}")
+    ask.add_argument("--json", action="store_true", help="print a JSON line")
     ask.set_defaults(run=run_ask)
 
-    chat = commands.add_parser("chat", help="talk about an image; an empty line or EOF ends")
+    chat = commands.add_parser(
+        "chat",
+        help="talk about an image; an empty line or EOF ends (the oldest turns are left out "
+        "once the conversation outgrows the model)",
+    )
     chat.add_argument("image", help="image path, http(s) URL, or - for stdin")
     chat.set_defaults(run=run_chat)
 
@@ -97,35 +113,54 @@ def read_image_arg(source: str) -> Any:
     return sys.stdin.buffer.read() if source == "-" else source
 
 
+def output_line(generations: list[Generation], record: dict[str, Any] | None) -> str:
+    """One image's output: its texts joined by `` | ``, or, given ``record`` (what was
+    asked), a JSON object with the first text, its finish reason and, when there are
+    several, every text."""
+    if record is None:
+        return " | ".join(g.text for g in generations)
+    record = {**record, "text": generations[0].text}
+    record["finish_reason"] = generations[0].finish_reason
+    if len(generations) > 1:
+        record["texts"] = [g.text for g in generations]
+    return json.dumps(record)
+
+
 def run_caption(args: argparse.Namespace) -> int:
+    """A line per image, as each batch finishes; a progress bar on stderr over several
+    images when stderr is a terminal."""
+    from tqdm import tqdm
+
     pipe, gen = load_pipeline(args)
     if args.batch_size < 1:
         raise BlipserveError("--batch-size must be at least 1")
-    for start in range(0, len(args.images), args.batch_size):
-        names = args.images[start : start + args.batch_size]
-        try:
-            rows = pipe.generate([read_image_arg(n) for n in names], args.prompt, **gen)
-        except BlipserveError as exc:
-            row = getattr(exc, "row", None)
-            if row is not None:  # name the file, not its position in this chunk
-                raise BlipserveError(f"{names[row]}: {exc.reason}") from exc
-            raise
-        for name, generations in zip(names, rows, strict=True):
-            if args.json:
-                record = {"image": name, "text": generations[0].text}
-                record["finish_reason"] = generations[0].finish_reason
-                if len(generations) > 1:
-                    record["texts"] = [g.text for g in generations]
-                print(json.dumps(record), flush=True)
-            else:
-                print(" | ".join(g.text for g in generations), flush=True)
+    show = len(args.images) > 1 and not args.no_progress and sys.stderr.isatty()
+    with tqdm(total=len(args.images), desc="caption", unit="img", disable=not show) as bar:
+        for start in range(0, len(args.images), args.batch_size):
+            names = args.images[start : start + args.batch_size]
+            try:
+                rows = pipe.generate([read_image_arg(n) for n in names], args.prompt, **gen)
+            except BlipserveError as exc:
+                row = getattr(exc, "row", None)
+                if row is not None:  # name the file, not its position in this chunk
+                    raise BlipserveError(f"{names[row]}: {exc.reason}") from exc
+                raise
+            with tqdm.external_write_mode(file=sys.stdout):  # lines above the bar
+                for name, generations in zip(names, rows, strict=True):
+                    record = {"image": name} if args.json else None
+                    print(output_line(generations, record), flush=True)
+            bar.update(len(names))
     return 0
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    from blipserve.processing.prompts import DEFAULT_VQA_TEMPLATE, vqa_prompt
+
     pipe, gen = load_pipeline(args)
-    extra = {"template": args.template} if args.template else {}
-    print(pipe.ask(read_image_arg(args.image), args.question, **extra, **gen), flush=True)
+    prompt = vqa_prompt(args.question, args.template or DEFAULT_VQA_TEMPLATE)
+    (generations,) = pipe.generate([read_image_arg(args.image)], [prompt], **gen)
+    record = {"image": args.image, "question": args.question} if args.json else None
+    print(output_line(generations, record), flush=True)
     return 0
 
 
@@ -139,6 +174,7 @@ def run_chat(args: argparse.Namespace) -> int:
     (image,) = pipe.load_images([args.image])
     interactive = sys.stdin.isatty()
     messages: list[dict[str, str]] = []
+    noted = False
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -146,9 +182,31 @@ def run_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             return 0
         messages.append({"role": "user", "content": line.strip()})
-        reply = pipe.chat(image, messages, **gen)
+        reply, note = chat_reply(pipe, image, messages, gen)
+        if note and not noted:  # once per session, as one line
+            print(f"blipserve: note: {note}", file=sys.stderr, flush=True)
+            noted = True
         messages.append({"role": "assistant", "content": reply})
         print(f"blip> {reply}" if interactive else reply, flush=True)
+
+
+def chat_reply(
+    pipe: Pipeline, image: Any, messages: list[dict[str, str]], gen: dict[str, Any]
+) -> tuple[str, str | None]:
+    """``pipe.chat``'s reply, and its :class:`HistoryTruncated` message when it left old
+    turns out (other warnings are shown as Python shows them)."""
+    note = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HistoryTruncated)
+        reply = pipe.chat(image, messages, **gen)
+    for warning in caught:
+        if issubclass(warning.category, HistoryTruncated):
+            note = str(warning.message)
+        else:
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return reply, note
 
 
 # -- match ---------------------------------------------------------------------------------
@@ -164,9 +222,8 @@ def add_match_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_model_flags(
         match,
-        default=None,
-        required=True,
-        model_help="a matching checkpoint, e.g. Salesforce/blip2-itm-vit-g",
+        model_help="a matching checkpoint: demo (the bundled demo matcher, the default), a "
+        "directory or a Hub id such as Salesforce/blip2-itm-vit-g",
     )
     match.add_argument("--itm", action="store_true", help="also P(match) from the ITM head")
     match.set_defaults(run=run_match)

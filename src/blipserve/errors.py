@@ -11,6 +11,9 @@ are chosen only by the server.
     ├── ModelNotFound       a model name resolves to nothing loadable
     ├── UnsupportedModel    the checkpoint is a BLIP-2 variant we do not run (yet)
     └── CheckpointError     checkpoint files are incomplete or do not fit the config
+
+One warning: :class:`HistoryTruncated`, when a chat history is longer than the model's
+positions allow and its oldest turns are left out (``Pipeline.chat``).
 """
 
 from __future__ import annotations
@@ -48,3 +51,7 @@ class UnsupportedModel(BlipserveError):
 
 class CheckpointError(BlipserveError):
     """Checkpoint files are missing tensors, carry unexpected ones, or have wrong shapes."""
+
+
+class HistoryTruncated(UserWarning):
+    """A chat history did not fit the model's positions: its oldest turns were left out."""

@@ -9,8 +9,9 @@ a new flag here. Importing this module loads no torch: ``blipserve --help`` stay
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 from blipserve.engine.params import GenerationParams
 
@@ -18,8 +19,32 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 DTYPE_HELP = (
     "auto (default): bfloat16 on a GPU and on a CPU with native bfloat16 (AVX512-BF16 or "
-    "AMX), else float32; float32 gives exactly transformers' float32 outputs"
+    "AMX), else float32 with oneDNN-packed weights; float32 by name gives exactly "
+    "transformers' float32 outputs"
 )
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every ``blipserve`` parser: a usage error is one line, ``blipserve: error: ...``,
+    and exit code 1 (as for every other bad input), and flags are never abbreviated (a
+    typo such as ``--num-beam`` is an error, not ``--num-beams``). Subparsers inherit it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.help_prog = self.prog  # whose --help the error line points to
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        command = getattr(namespace, "command", None)
+        if extras and command:  # reported by the top parser: point to the command's help
+            self.help_prog = f"{self.prog} {command}"
+        return namespace, extras
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"blipserve: error: {message} (see {self.help_prog} --help)\n")
 
 
 def add_model_flags(
@@ -62,11 +87,18 @@ def add_image_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def generation_flag(name: str) -> str:
+    """The flag that sets :class:`GenerationParams` field ``name``: ``--max-new-tokens``,
+    ``--sample`` (``do_sample``)."""
+    field = {f.name: f for f in fields(GenerationParams)}[name]
+    return "--" + field.metadata.get("flag", name).replace("_", "-")
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`GenerationParams` field: ``--max-new-tokens``, ``--sample``..."""
     group = parser.add_argument_group("generation")
     for f in fields(GenerationParams):
-        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        flag = generation_flag(f.name)
         text = f.metadata["help"]
         if f.default is False:  # a switch: do_sample (--sample), early_stopping
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)

@@ -28,15 +28,16 @@ from blipserve.model.retrieval import (
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.images import load_images
 from blipserve.processing.qformer_text import TextCodec
-from blipserve.resolve import resolve_checkpoint, resolve_device, resolve_dtype
+from blipserve.resolve import resolve_device, resolve_dtype, resolve_matcher_checkpoint
 from blipserve.weights import load_model
 
 
 def load_matcher(
     model: str, *, device: str | torch.device | None = "auto", dtype: str | None = "auto"
 ) -> Matcher:
-    """Load an image-text matching checkpoint (a local directory or a Hub id)."""
-    directory = resolve_checkpoint(model)
+    """Load an image-text matching checkpoint: ``demo`` (the bundled demo matcher), a
+    local directory or a Hub id."""
+    directory = resolve_matcher_checkpoint(model)
     raw = json.loads((directory / "config.json").read_text())
     if not is_retrieval_config(raw):
         raise UnsupportedModel(

@@ -4,6 +4,7 @@ Inference (:func:`blipserve.load`, :func:`blipserve.load_matcher`) and training 
 three from here. A model name is resolved in this order:
 
 1. ``demo``: the small model bundled inside the package (MODEL_CARD.md, docs/demo-model.md);
+   for matching (:func:`resolve_matcher_checkpoint`), the bundled demo matcher;
 2. an existing local path: a directory in the Hugging Face layout (``config.json`` and
    weights);
 3. a Hugging Face Hub id (``Salesforce/blip2-opt-2.7b``): the local Hub cache first, then a
@@ -57,6 +58,21 @@ def demo_checkpoint() -> Path:
             f"the bundled demo model is missing from this installation ({directory}); "
             "reinstall blipserve, rebuild it with `python -m blipserve.train.demo`, or pass a "
             "checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b' with --model"
+        )
+    return directory
+
+
+def resolve_matcher_checkpoint(name: str) -> Path:
+    """:func:`resolve_checkpoint` for image-text matching: ``demo`` is the bundled demo
+    matcher (stage 1 on the demo model's image encoder, docs/demo-model.md)."""
+    if name != DEMO_NAME:
+        return resolve_checkpoint(name)
+    directory = Path(__file__).parent / "demo_matcher"
+    if not (directory / "config.json").is_file():
+        raise ModelNotFound(
+            f"the bundled demo matcher is missing from this installation ({directory}); "
+            "reinstall blipserve, rebuild it with `python scripts/build_demo_matcher.py`, or "
+            "pass a matching checkpoint such as 'Salesforce/blip2-itm-vit-g' with --model"
         )
     return directory
 

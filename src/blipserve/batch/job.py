@@ -92,9 +92,7 @@ def resolve_params(spec: BatchSpec) -> GenerationParams:
     directory = resolve_checkpoint(spec.model)
     config = Blip2Config.from_hf(json.loads((directory / "config.json").read_text()))
     defaults = CheckpointDefaults.read(directory, config)
-    params = GenerationParams.from_dict({**defaults.params, **spec.gen})
-    params.validate()
-    return params
+    return GenerationParams.resolve(defaults.params, spec.gen)
 
 
 def manifest(spec: BatchSpec, plan: Plan, params: GenerationParams) -> dict[str, Any]:

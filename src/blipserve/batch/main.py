@@ -10,9 +10,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from blipserve.errors import BlipserveError
-from blipserve.flags import add_inference_flags, generation_options
+from blipserve.flags import CommandParser, add_inference_flags, generation_options
+
+if TYPE_CHECKING:
+    from blipserve.batch.job import BatchSpec
 
 EXIT_THRESHOLD = 3
 
@@ -80,14 +84,7 @@ def run_batch(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     if args.dry_run:
-        plan, summary = runner.dry_run(spec)
-        counts: dict[str, int] = {}
-        for chunk in plan.chunks:
-            for file_index, rows in chunk.file_rows().items():
-                name = plan.names[file_index]
-                counts[name] = counts.get(name, 0) + rows
-        print(json.dumps({"files": counts, "rows": summary.rows}), flush=True)
-        return 0
+        return report_dry_run(spec)
     ray = RayOptions(args.address, args.workers, args.gpus_per_worker)
     summary = runner.run(
         spec, engine=args.engine, ray=ray, restart=args.restart, progress_bar=not args.no_progress
@@ -99,9 +96,34 @@ def run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_dry_run(spec: BatchSpec) -> int:
+    """One line per failed row, as in errors.jsonl, then ``{"files", "rows", "failed"}``;
+    exit 3 where a real run would stop at ``--error-threshold``."""
+    from blipserve.batch import runner  # with torch: imported when the command runs
+    from blipserve.batch.sinks import error_line
+
+    plan, summary, failed = runner.dry_run(spec)
+    for result in failed:
+        print(error_line(result))
+    counts: dict[str, int] = {}
+    for chunk in plan.chunks:
+        for file_index, rows in chunk.file_rows().items():
+            name = plan.names[file_index]
+            counts[name] = counts.get(name, 0) + rows
+    print(json.dumps({"files": counts, "rows": summary.rows, "failed": summary.failed}), flush=True)
+    if 0 <= spec.error_threshold < summary.failed:
+        print(
+            f"blipserve: error: {summary.failed} rows would fail, over --error-threshold "
+            f"{spec.error_threshold}",
+            file=sys.stderr,
+        )
+        return EXIT_THRESHOLD
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m blipserve.batch.main``: the batch command without the other commands."""
-    parser = argparse.ArgumentParser(prog="blipserve batch")
+    parser = CommandParser(prog="blipserve batch")
     add_batch_arguments(parser)
     add_inference_flags(parser)
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ from typing import Any
 
 from blipserve.batch.sources import ChunkRef
 from blipserve.errors import BlipserveError
+from blipserve.flags import generation_flag
 
 STATE_DIR = ".blipserve"
 MANIFEST_VERSION = 2  # 2: consecutive image files share chunks
@@ -165,6 +166,51 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# Manifest entries set by one flag (``params`` entries: their generation flag).
+MANIFEST_FLAGS = {
+    "input": "INPUT",
+    "model": "--model",
+    "dtype": "--dtype",
+    "quantize": "--quantize",
+    "chunk_size": "--chunk-size",
+    "limit": "--limit",
+}
+
+
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "differs in " + ", ".join(keys) if keys else "differs"
+    """What differs between two manifests, by the flag that sets it: ``--max-new-tokens
+    was 20, now 30``."""
+    changes = []
+    for key in sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
+        before, after = old.get(key), new.get(key)
+        if key == "params":
+            names = sorted(n for n in {**before, **after} if before.get(n) != after.get(n))
+            changes += [_change(generation_flag(n), before.get(n), after.get(n)) for n in names]
+        elif key == "inputs":
+            changes.append(_inputs_change(before or [], after or []))
+        elif key == "exif_transpose":
+            changes.append("--no-exif " + ("is given now" if before else "was given before"))
+        elif key == "quantize":  # absent: none
+            changes.append(_change("--quantize", before or "none", after or "none"))
+        elif key == "rows":
+            changes.append(f"the inputs had {before} rows, now {after}")
+        elif key == "version":
+            changes.append(f"its progress record is version {before}, this blipserve's {after}")
+        else:
+            changes.append(_change(MANIFEST_FLAGS.get(key, key), before, after))
+    return "; ".join(changes) or "differs"
+
+
+def _change(flag: str, before: Any, after: Any) -> str:
+    return f"{flag} was {json.dumps(before)}, now {json.dumps(after)}"
+
+
+def _inputs_change(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
+    """Which input files are new, gone or changed (size or modification time)."""
+    old = {f["name"]: f for f in before}
+    new = {f["name"]: f for f in after}
+    changed = [f"{n} (new)" for n in new if n not in old]
+    changed += [f"{n} (gone)" for n in old if n not in new]
+    changed += [f"{n} (modified)" for n in new if n in old and new[n] != old[n]]
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"input files changed: {shown}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ from blipserve.batch.local import ChunkProcessor
 from blipserve.batch.progress import Progress, Result
 from blipserve.batch.ray_engine import run_ray
 from blipserve.batch.sinks import write_output
+from blipserve.batch.sources import Row, read_chunk
+from blipserve.errors import InvalidImage
+from blipserve.processing.images import check_image
+from blipserve.processing.limits import DEFAULT_LIMITS
 
 
 @dataclass
@@ -54,11 +59,33 @@ class Summary:
         }
 
 
-def dry_run(spec: BatchSpec) -> tuple[Plan, Summary]:
-    """Validate the inputs and count rows; loads no model and writes nothing."""
+def dry_run(spec: BatchSpec) -> tuple[Plan, Summary, list[Result]]:
+    """Validate the inputs, count rows and check every row's image up to its pixels
+    (:func:`check_image`: size, format, pixel count; URLs by form), giving the failed rows
+    with the errors a real run writes. Loads no model, fetches nothing, writes nothing."""
     spec.validate()
     plan = make_plan(spec)
-    return plan, Summary(rows=plan.rows)
+    failed: list[Result] = []
+    with ThreadPoolExecutor(spec.threads, thread_name_prefix="blipserve-check") as pool:
+        for ref in plan.chunks:
+            rows = list(read_chunk(plan.files, ref))
+            for i, error in enumerate(pool.map(row_error, rows)):
+                if error is not None:
+                    file_index, row = ref.position(i)
+                    failed.append(Result(plan.names[file_index], row, None, error))
+    return plan, Summary(rows=plan.rows, failed=len(failed)), failed
+
+
+def row_error(row: Row) -> str | None:
+    """The error a run would report for ``row`` before decoding its pixels, or None. The
+    limits are the pipeline's defaults, as :func:`~blipserve.batch.job.load_pipeline` sets."""
+    if row.error is not None:
+        return row.error
+    try:
+        check_image(row.image, limits=DEFAULT_LIMITS)
+    except InvalidImage as err:
+        return err.reason
+    return None
 
 
 def run(

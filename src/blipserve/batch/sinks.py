@@ -51,8 +51,12 @@ def write_azure_csv(path: Path, errors_path: Path, results: Iterable[Result]) ->
             if r.error is None:
                 writer.writerow([r.row, r.text, r.file])
             else:
-                record = {"file": r.file, "row": r.row, "error": r.error}
-                errors.write(json.dumps(record, ensure_ascii=False) + "\n")
+                errors.write(error_line(r) + "\n")
+
+
+def error_line(r: Result) -> str:
+    """A failed row as one line of errors.jsonl."""
+    return json.dumps({"file": r.file, "row": r.row, "error": r.error}, ensure_ascii=False)
 
 
 def write_jsonl(path: Path, results: Iterable[Result], settings: dict[str, Any]) -> None:

@@ -6,14 +6,14 @@ K beams with C = max(2, 1 + number of eos ids) * K candidates:
 1. add each live beam's summed log-prob to its next-token log-probs, take the C best of
    all K * V continuations (best first);
 2. a candidate *ends* when its token is an eos id, a stop string matched, or it reached
-   ``max_new_tokens``;
+   its row's limit (``max_new_tokens``, or fewer where the model's positions run out);
 3. the K best candidates that did not end are the live beams of the next step;
 4. candidates that ended and rank among the first K are scored
    ``sum_logprobs / new_tokens ** length_penalty`` and merged into the K finished
    hypotheses, best first (pushed down by -1e9 when the row is full under
    ``early_stopping=True`` or can no longer improve);
 5. a row can no longer improve when its best live beam, scored at the current length
-   (at ``max_new_tokens`` for ``early_stopping="never"`` with ``length_penalty > 0``),
+   (at its limit for ``early_stopping="never"`` with ``length_penalty > 0``),
    cannot beat its worst finished hypothesis.
 
 The search stops when no row can improve, when every slot is finished and
@@ -49,7 +49,9 @@ def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BeamSearch:
     num_beams: int
-    max_new_tokens: int
+    max_new_tokens: int  # the longest any row may grow (the token buffers' size)
+    row_limits: torch.Tensor  # (B, 1) new tokens each row may have, <= max_new_tokens
+    limit_scale: torch.Tensor  # (B, 1) float32 row_limits ** length_penalty
     length_penalty: float
     early_stopping: EarlyStopping
     eos_token_ids: torch.Tensor  # (E,)
@@ -74,13 +76,20 @@ class BeamSearch:
         early_stopping: EarlyStopping,
         eos_token_ids: list[int],
         device: torch.device,
+        row_limits: list[int] | None = None,
     ) -> BeamSearch:
+        """``row_limits``: per row, fewer new tokens than ``max_new_tokens`` (None: none)."""
         shape, tokens = (batch_size, num_beams), (batch_size, num_beams, max_new_tokens)
+        limits = row_limits or [max_new_tokens] * batch_size
+        assert len(limits) == batch_size and max(limits) <= max_new_tokens
         running_scores = torch.zeros(shape, device=device)
         running_scores[:, 1:] = SENTINEL  # only beam 0 is real at first: no duplicate beams
         return cls(
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
+            row_limits=torch.tensor(limits, device=device)[:, None],
+            # Python's float power, as the reference divides by ``max_length ** penalty``.
+            limit_scale=torch.tensor([[n**length_penalty] for n in limits], device=device),
             length_penalty=length_penalty,
             early_stopping=early_stopping,
             eos_token_ids=torch.tensor(eos_token_ids, dtype=torch.long, device=device),
@@ -122,8 +131,7 @@ class BeamSearch:
 
         stopped = self._stop_hits(cand_tokens[:, :, : t + 1], stop_checker)  # (B, C)
         ends = torch.isin(cand_token, self.eos_token_ids) | stopped
-        if t + 1 >= self.max_new_tokens:
-            ends = torch.ones_like(ends)
+        ends = ends | (t + 1 >= self.row_limits)  # (B, C): a row at its limit ends all
 
         live_scores = cand_scores + ends.to(torch.float32) * SENTINEL
         keep = torch.topk(live_scores, k).indices  # (B, K)
@@ -198,10 +206,9 @@ class BeamSearch:
     def _update_can_improve(self) -> None:
         """Can the best live beam still beat the worst finished hypothesis of its row?"""
         if self.early_stopping == "never" and self.length_penalty > 0.0:
-            best_length = self.max_new_tokens
+            best_running = self.running_scores[:, :1] / self.limit_scale
         else:
-            best_length = self.step
-        best_running = self.running_scores[:, :1] / (best_length**self.length_penalty)
+            best_running = self.running_scores[:, :1] / (self.step**self.length_penalty)
         worst_done = self.done_scores.min(dim=1, keepdim=True).values
         worst_done = torch.where(self.is_done, worst_done, SENTINEL)  # (B, K)
         beats = (best_running > worst_done).any(dim=-1, keepdim=True)

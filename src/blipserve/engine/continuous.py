@@ -31,9 +31,9 @@ import torch
 from blipserve.engine.generate import (
     FinishReason,
     build_prompt_batch,
-    check_fits,
     decode_step,
     process_scores,
+    token_budget,
 )
 from blipserve.engine.kv_cache import KVCache, stack_right_aligned
 from blipserve.engine.params import GenerationParams
@@ -61,6 +61,7 @@ class DecodeRequest:
     new_ids: list[list[int]] = field(default_factory=list)  # per sample
     finished: list[FinishReason | None] = field(default_factory=list)  # per sample
     generator: torch.Generator | None = None
+    budget: int = 0  # new tokens per sample: max_new_tokens, or fewer where positions run out
 
     @property
     def done(self) -> bool:
@@ -122,7 +123,8 @@ class ContinuousBatch:
         for request in requests:
             if request.params.num_beams != 1:
                 raise InvalidRequest("continuous batching runs greedy and sampling requests only")
-            check_fits(lm.config, q + len(request.prompt_ids), q, request.params.max_new_tokens)
+            positions = q + len(request.prompt_ids)
+            request.budget = token_budget(lm.config, positions, q, request.params.max_new_tokens)
         prefix = torch.stack([r.prefix for r in requests])  # (b, Q, D)
         batch = build_prompt_batch(
             lm,
@@ -157,7 +159,7 @@ class ContinuousBatch:
         """Append prefilled rows (``cache`` with ``length`` slots) to the running ones."""
         everyone = self.requests + requests
         end = max(self.length, length)
-        capacity = end + max(r.params.max_new_tokens - len(r.new_ids[0]) for r in everyone)
+        capacity = end + max(r.budget - len(r.new_ids[0]) for r in everyone)
         parts = (
             [(cache, length)]
             if self.cache is None
@@ -221,7 +223,7 @@ class ContinuousBatch:
         reason: FinishReason | None = None
         if token in self.eos or (request.stop is not None and request.stop(ids)):
             reason = "stop"
-        elif len(ids) == request.params.max_new_tokens:
+        elif len(ids) == request.budget:
             reason = "length"
         request.finished[sample_index] = reason
         return StepEvent(request, sample_index, token, reason)

@@ -207,10 +207,13 @@ class DecodeState:
         if self.seen is not None:
             mark_seen(self.seen, token_ids)
         self.key_mask[:, self.length] = True
+        # A row past its last position has finished (its budget ran out): it steps on
+        # padding, at the last position, while the others go on.
+        last = self.lm.config.max_position_embeddings - 1
         logits = decode_step(
             self.lm,
             token_ids,
-            self.next_position,
+            self.next_position.clamp(max=last),
             self.key_mask[:, : self.length + 1] if self.batch.padded else None,
             self.cache,
             self.length,
@@ -246,16 +249,22 @@ def process_scores(
 # -- the loops ----------------------------------------------------------------------------
 
 
-def check_fits(config: OPTConfig, prompt_positions: int, queries: int, max_new_tokens: int) -> None:
-    """Refuse a prompt (``prompt_positions`` incl. ``queries``) that cannot get its
-    ``max_new_tokens`` within the model's learned positions."""
+def token_budget(
+    config: OPTConfig, prompt_positions: int, queries: int, max_new_tokens: int
+) -> int:
+    """New tokens a prompt of ``prompt_positions`` (``queries`` image queries included) may
+    get: ``max_new_tokens``, or fewer where the model's learned positions run out first (the
+    sequence then ends with ``finish_reason="length"``). A prompt that leaves no room for
+    even one new token is refused."""
     limit = config.max_position_embeddings
-    if prompt_positions + max_new_tokens > limit:
+    room = limit - prompt_positions
+    if room < 1:
         raise InvalidRequest(
-            f"prompt ({prompt_positions} positions incl. {queries} image queries) plus "
-            f"max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
-            "shorten the prompt or lower max_new_tokens"
+            f"the prompt takes {prompt_positions} positions ({queries} image queries, BOS and "
+            f"{prompt_positions - queries - 1} text tokens) and the model has {limit}: no room "
+            "is left to generate; shorten the prompt"
         )
+    return min(max_new_tokens, room)
 
 
 def _prepare(
@@ -266,25 +275,29 @@ def _prepare(
     pad_token_id: int,
     image_token_id: int | None,
     reuse: ReusedSlots | None = None,
-) -> DecodeState:
+) -> tuple[DecodeState, list[int]]:
+    """The decode state of the prompt rows, and each row's :func:`token_budget`."""
     params.validate()
     batch = build_prompt_batch(
         lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id, image_token_id=image_token_id
     )
-    longest = int(batch.key_mask.sum(dim=1).max().item())
-    check_fits(lm.config, longest, prefix_embeds.shape[1], params.max_new_tokens)
+    q = prefix_embeds.shape[1]
+    lengths = batch.key_mask.sum(dim=1).tolist()  # positions per row, padding not counted
+    budgets = [token_budget(lm.config, n, q, params.max_new_tokens) for n in lengths]
     track_seen = params.repetition_penalty != 1.0
-    return DecodeState(lm, batch, params.max_new_tokens, track_seen, reuse)
+    return DecodeState(lm, batch, max(budgets), track_seen, reuse), budgets
 
 
 def _token_stream(
     state: DecodeState,
+    budgets: list[int],
     params: GenerationParams,
     eos_token_ids: list[int],
     pad_token_id: int,
     stop_checker: StopChecker | None,
 ) -> Iterator[TokenEvent]:
-    """Greedy or sampled decoding; every row steps until all have finished."""
+    """Greedy or sampled decoding; every row steps until all have finished (row ``r`` ends
+    with "length" after ``budgets[r]`` tokens)."""
     n = params.num_return_sequences
     logits = state.prefill()  # (B, V)
     state.repeat_interleave(n)
@@ -296,7 +309,7 @@ def _token_stream(
     new_ids: list[list[int]] = [[] for _ in range(logits.shape[0])]
     finished = [False] * len(new_ids)
     done = torch.zeros(len(new_ids), dtype=torch.bool, device=device)  # finished, on device
-    for num_new in range(params.max_new_tokens):
+    for num_new in range(max(budgets)):
         scores = process_scores(logits.float(), state.seen, params, num_new, eos_ids)
         tokens = sample(scores, generator) if params.do_sample else greedy_pick(scores)
         tokens = tokens.masked_fill(done, pad_token_id)  # finished rows step on padding
@@ -307,7 +320,7 @@ def _token_stream(
             reason: FinishReason | None = None
             if token in eos or (stop_checker is not None and stop_checker(i // n, new_ids[i])):
                 reason = "stop"
-            elif len(new_ids[i]) == params.max_new_tokens:
+            elif len(new_ids[i]) == budgets[i // n]:
                 reason = "length"
             finished[i] = reason is not None
             yield TokenEvent(row=i // n, sample=i % n, token_id=token, finish_reason=reason)
@@ -319,6 +332,7 @@ def _token_stream(
 
 def _beam_search(
     state: DecodeState,
+    budgets: list[int],
     params: GenerationParams,
     eos_token_ids: list[int],
     stop_checker: StopChecker | None,
@@ -332,11 +346,12 @@ def _beam_search(
     beams = BeamSearch.start(
         state.batch.key_mask.shape[0],
         k,
-        params.max_new_tokens,
+        max(budgets),
         params.length_penalty,
         params.early_stopping,
         eos_token_ids,
         device,
+        row_limits=budgets,
     )
     while True:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -382,17 +397,20 @@ def stream(
     reuse = None
     if follows:
         reuse = conversation.lookup(image_key, prompt_ids[0], prefix_embeds.shape[1])
-    state = _prepare(lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id, reuse)
+    state, budgets = _prepare(
+        lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id, reuse
+    )
     if follows:
         new_ids = []
-        for event in _token_stream(state, params, eos_token_ids, pad_token_id, stop_checker):
+        tokens = _token_stream(state, budgets, params, eos_token_ids, pad_token_id, stop_checker)
+        for event in tokens:
             new_ids.append(event.token_id)
             yield event
         # The cache holds every id but the last new one, which was never fed back.
         conversation.remember(image_key, prompt_ids[0] + new_ids[:-1], state.cache)
         return
     if params.num_beams > 1:
-        results = _beam_search(state, params, eos_token_ids, stop_checker)
+        results = _beam_search(state, budgets, params, eos_token_ids, stop_checker)
         for row, outputs in enumerate(results):
             for i, out in enumerate(outputs):
                 for j, token in enumerate(out.token_ids):
@@ -400,7 +418,7 @@ def stream(
                     reason = out.finish_reason if last else None
                     yield TokenEvent(row=row, sample=i, token_id=token, finish_reason=reason)
         return
-    yield from _token_stream(state, params, eos_token_ids, pad_token_id, stop_checker)
+    yield from _token_stream(state, budgets, params, eos_token_ids, pad_token_id, stop_checker)
 
 
 @torch.inference_mode()
@@ -420,8 +438,10 @@ def generate(
     """Per input row, ``num_return_sequences`` results (best first for beam search);
     ``conversation`` and ``image_key`` as for :func:`stream`."""
     if params.num_beams > 1:
-        state = _prepare(lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id)
-        return _beam_search(state, params, eos_token_ids, stop_checker)
+        state, budgets = _prepare(
+            lm, prefix_embeds, prompt_ids, params, pad_token_id, image_token_id
+        )
+        return _beam_search(state, budgets, params, eos_token_ids, stop_checker)
     n = params.num_return_sequences
     tokens: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompt_ids]
     reasons: dict[tuple[int, int], FinishReason] = {}
@@ -453,10 +473,10 @@ __all__ = [
     "SequenceOutput",
     "TokenEvent",
     "build_prompt_batch",
-    "check_fits",
     "decode_step",
     "generate",
     "prefill",
     "process_scores",
     "stream",
+    "token_budget",
 ]

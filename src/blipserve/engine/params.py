@@ -24,6 +24,7 @@ MAX_STOP_STRINGS = 8
 MAX_TEMPERATURE = 100.0
 MIN_SAMPLING_TEMPERATURE = 1e-5  # vLLM's epsilon; near 0, scores / t overflows to NaN probs
 MAX_REPETITION_PENALTY = 100.0
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # given without do_sample: sampling
 
 
 def _help(text: str, flag: str | None = None) -> dict[str, str]:
@@ -42,7 +43,12 @@ class GenerationParams:
     """
 
     max_new_tokens: int = field(
-        default=20, metadata=_help("most tokens to generate (default: the checkpoint's, 20)")
+        default=20,
+        metadata=_help(
+            "most tokens to generate (default: the model's generation_config.json, 40 for "
+            "demo, 20 for the Salesforce checkpoints); fewer where the model's positions "
+            "run out after the prompt (finish reason 'length')"
+        ),
     )
     min_new_tokens: int = field(
         default=0, metadata=_help("fewest tokens before the end-of-text token is allowed")
@@ -55,9 +61,16 @@ class GenerationParams:
         default=False, metadata=_help("beam search: stop once enough beams end")
     )
     do_sample: bool = field(
-        default=False, metadata=_help("sample instead of greedy/beam search", "sample")
+        default=False,
+        metadata=_help(
+            "sample instead of greedy/beam search (--temperature, --top-k or --top-p alone "
+            "also turn sampling on)",
+            "sample",
+        ),
     )
-    temperature: float = field(default=1.0, metadata=_help("sampling temperature (with --sample)"))
+    temperature: float = field(
+        default=1.0, metadata=_help("sampling temperature; 0 means greedy decoding")
+    )
     top_k: int = field(default=50, metadata=_help("sampling: keep the k most likely tokens"))
     top_p: float = field(
         default=1.0,
@@ -76,6 +89,15 @@ class GenerationParams:
     def checkpoint_keys(cls) -> tuple[str, ...]:
         """Fields a checkpoint's ``generation_config.json`` may set (not ``seed``/``stop``)."""
         return tuple(f.name for f in fields(cls) if f.name not in ("seed", "stop"))
+
+    @classmethod
+    def resolve(cls, defaults: Mapping[str, Any], options: Mapping[str, Any]) -> GenerationParams:
+        """A caller's options over a checkpoint's defaults, with :func:`sampling_rule`
+        applied to the caller's, validated: what the CLI, the Python API, the batch runner
+        and the server all call."""
+        params = cls.from_dict({**defaults, **sampling_rule(options)})
+        params.validate()
+        return params
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GenerationParams:
@@ -128,8 +150,9 @@ class GenerationParams:
         _check_int("num_return_sequences", self.num_return_sequences, 1, MAX_RETURN_SEQUENCES)
         if self.do_sample and self.num_beams > 1:
             raise InvalidRequest(
-                "do_sample with num_beams > 1 (beam sampling) is not supported; use num_beams=1 "
-                "to sample or do_sample=false for beam search"
+                "sampling (do_sample, or a temperature, top_p or top_k, which turn it on) with "
+                "num_beams > 1 is not supported; use num_beams=1 to sample, or drop the "
+                "sampling options for beam search"
             )
         if not self.do_sample and self.num_return_sequences > self.num_beams:
             raise InvalidRequest(
@@ -144,6 +167,37 @@ class GenerationParams:
             raise InvalidRequest("stop strings must be non-empty strings")
 
 
+def sampling_rule(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The caller's options (``None`` values dropped) with the one sampling rule applied.
+
+    ``temperature``, ``top_p`` or ``top_k`` given without ``do_sample`` turn sampling on
+    (what a caller setting a temperature means, as with OpenAI); ``temperature`` 0 (below
+    ``MIN_SAMPLING_TEMPERATURE``) means greedy; with ``do_sample`` false the others are
+    refused rather than ignored (transformers ignores them with a warning).
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    temperature = options.get("temperature")
+    greedy = _is_number(temperature) and 0 <= temperature < MIN_SAMPLING_TEMPERATURE
+    if greedy and not options.get("do_sample"):
+        del options["temperature"]  # 0 = greedy (OpenAI's convention)
+        options.setdefault("do_sample", False)
+        return options
+    given = [k for k in SAMPLING_KEYS if k in options]
+    if "do_sample" not in options and given:
+        options["do_sample"] = True
+    elif options.get("do_sample") is False and given:
+        raise InvalidRequest(
+            f"do_sample is false, so {', '.join(given)} would be ignored; drop "
+            f"{'it' if len(given) == 1 else 'them'} for greedy or beam search, or set "
+            "do_sample=true"
+        )
+    return options
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -154,7 +208,6 @@ def _check_int(name: str, value: Any, low: int, high: int) -> None:
 
 
 def _check_float(name: str, value: Any, low: float, high: float) -> None:
-    number = isinstance(value, float | int) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or not low <= value <= high:
+    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
         span = "a finite number" if math.isinf(low) else f"a number in [{low}, {high}]"
         raise InvalidRequest(f"{name} must be {span}, got {value!r}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blipserve.engine.continuous import ContinuousBatch, DecodeRequest
-from blipserve.engine.generate import FinishReason, check_fits, generate
+from blipserve.engine.generate import FinishReason, generate, token_budget
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.prefix_cache import PrefixCache
 from blipserve.errors import BlipserveError
@@ -139,9 +139,10 @@ class Scheduler:
         return self.model.language_projection.weight.device
 
     def check(self, prompt_ids: list[int], params: GenerationParams) -> None:
-        """Raise InvalidRequest now if the prompt can't get its tokens (before queueing)."""
+        """Raise InvalidRequest now if the prompt leaves no room to generate (before
+        queueing); a prompt with less room than ``max_new_tokens`` ends with "length"."""
         q = self.model.config.num_query_tokens
-        check_fits(self.model.config.text, q + len(prompt_ids), q, params.max_new_tokens)
+        token_budget(self.model.config.text, q + len(prompt_ids), q, params.max_new_tokens)
 
     def submit(self, jobs: Iterable[Job]) -> None:
         """Queue ``jobs``, all or none: :class:`QueueFull` if they do not fit."""

@@ -275,7 +275,7 @@ def fetch_url(
 ) -> bytes:
     """Download an http(s) URL with a timeout, a redirect cap, a byte cap and ``policy``'s
     address check on every connection (the first and each redirect target)."""
-    _check_url(url)
+    check_url(url)
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     where = _describe_url(url)
     try:
@@ -297,7 +297,8 @@ def fetch_url(
         raise InvalidImage(f"fetching {where} failed: {err}") from None
 
 
-def _check_url(url: str) -> None:
+def check_url(url: str) -> None:
+    """Raise InvalidImage unless ``url`` is a well-formed http(s) URL (nothing is fetched)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in ("http", "https"):
         raise InvalidImage(
@@ -346,7 +347,7 @@ class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
                 f"too many redirects fetching {_describe_url(url)} (more than {self.max_redirects})"
             )
         try:
-            _check_url(target)
+            check_url(target)
         except InvalidImage as err:
             raise InvalidImage(f"redirect refused: {err.reason}") from None
 

@@ -25,8 +25,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blipserve.errors import InvalidImage
-from blipserve.processing.fetch import DEFAULT_URL_POLICY, UrlPolicy, fetch_url
-from blipserve.processing.limits import DEFAULT_LIMITS, ImageLimits, megabytes, preview
+from blipserve.processing.fetch import DEFAULT_URL_POLICY, UrlPolicy, check_url, fetch_url
+from blipserve.processing.limits import (
+    DEFAULT_LIMITS,
+    ImageLimits,
+    megabytes,
+    megapixels,
+    preview,
+)
 
 # Formats we decode. Restricting them keeps PIL away from plugins that shell out (EPS) or are
 # rarely what a client meant to send.
@@ -63,6 +69,23 @@ def load_image(
     return _apply_exif_orientation(image) if exif_transpose else image
 
 
+def check_image(
+    source: Any, *, row: int | None = None, limits: ImageLimits = DEFAULT_LIMITS
+) -> None:
+    """Raise the :class:`InvalidImage` that :func:`load_image` would raise for ``source``,
+    reading only what comes before the pixels: the encoded size, the format and the pixel
+    count from the header. URLs are checked for form (scheme, host, port), not fetched;
+    pixel data is not decoded, so a truncated file passes here and fails when loaded."""
+    try:
+        text = source.strip() if isinstance(source, str) else ""
+        if _URL_SCHEME.match(text):
+            check_url(text)
+        else:
+            _to_image(source, limits, None, allow_paths=True, header_only=True)
+    except InvalidImage as err:
+        raise InvalidImage(err.reason, row=row, transient=err.transient) from err.__cause__
+
+
 def load_images(
     sources: Sequence[Any],
     *,
@@ -86,22 +109,27 @@ def load_images(
 
 
 def _to_image(
-    source: Any, limits: ImageLimits, url_policy: UrlPolicy | None, allow_paths: bool
+    source: Any,
+    limits: ImageLimits,
+    url_policy: UrlPolicy | None,
+    allow_paths: bool,
+    header_only: bool = False,
 ) -> Image.Image:
-    """Dispatch on the input's type. Raises InvalidImage without a row."""
+    """Dispatch on the input's type. Raises InvalidImage without a row. ``header_only``:
+    encoded images are opened, not decoded (:func:`check_image`)."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, limits)
         return _load_pixels(source, limits, nbytes=None)
     if isinstance(source, np.ndarray):
         return _from_array(source, limits)
     if isinstance(source, bytes | bytearray | memoryview):
-        return decode_image_bytes(bytes(source), limits)
+        return decode_image_bytes(bytes(source), limits, header_only=header_only)
     if isinstance(source, str):
         if not allow_paths:
-            return _from_client_string(source, limits, url_policy)
-        return _from_string(source, limits, url_policy)
+            return _from_client_string(source, limits, url_policy, header_only)
+        return _from_string(source, limits, url_policy, header_only)
     if isinstance(source, os.PathLike) and allow_paths:
-        return decode_image_bytes(_read_file(source, limits), limits)
+        return decode_image_bytes(_read_file(source, limits), limits, header_only=header_only)
     raise InvalidImage(
         f"unsupported image input of type {type(source).__name__}; expected a PIL image, "
         "numpy array, file path, bytes, base64 string or http(s) URL"
@@ -111,17 +139,19 @@ def _to_image(
 # --- strings: URL, data URL, path or base64 ---------------------------------------------------
 
 
-def _from_string(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -> Image.Image:
+def _from_string(
+    text: str, limits: ImageLimits, url_policy: UrlPolicy | None, header_only: bool = False
+) -> Image.Image:
     stripped = text.strip()
     if not stripped:
         raise InvalidImage("empty string; expected a file path, http(s) URL or base64 image")
     if encoded := _url_or_data_url(stripped, limits, url_policy):
-        return decode_image_bytes(encoded, limits)
+        return decode_image_bytes(encoded, limits, header_only=header_only)
     if _exists(text):
-        return decode_image_bytes(_read_file(text, limits), limits)
+        return decode_image_bytes(_read_file(text, limits), limits, header_only=header_only)
     data = _b64decode(stripped, limits)
     if data is not None:
-        return _decode_base64_or_path(data, stripped, limits)
+        return _decode_base64_or_path(data, stripped, limits, header_only)
     if _looks_like_path(stripped):
         raise InvalidImage(f"no such file: {preview(stripped)}")
     raise InvalidImage(
@@ -131,21 +161,21 @@ def _from_string(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -
 
 
 def _from_client_string(
-    text: str, limits: ImageLimits, url_policy: UrlPolicy | None
+    text: str, limits: ImageLimits, url_policy: UrlPolicy | None, header_only: bool = False
 ) -> Image.Image:
     """A string from a remote client: an http(s) URL, a data: URL or base64, never a path."""
     stripped = text.strip()
     if not stripped:
         raise InvalidImage("empty string; expected an http(s) URL or a base64 image")
     if encoded := _url_or_data_url(stripped, limits, url_policy):
-        return decode_image_bytes(encoded, limits)
+        return decode_image_bytes(encoded, limits, header_only=header_only)
     data = _b64decode(stripped, limits)
     if data is None:
         raise InvalidImage(
             f"not an http(s) URL, data: URL or base64 image (got {len(stripped)} characters: "
             f"{preview(stripped)}); file paths are not read here"
         )
-    return decode_image_bytes(data, limits)
+    return decode_image_bytes(data, limits, header_only=header_only)
 
 
 def _url_or_data_url(text: str, limits: ImageLimits, url_policy: UrlPolicy | None) -> bytes | None:
@@ -157,11 +187,13 @@ def _url_or_data_url(text: str, limits: ImageLimits, url_policy: UrlPolicy | Non
     return None
 
 
-def _decode_base64_or_path(data: bytes, text: str, limits: ImageLimits) -> Image.Image:
+def _decode_base64_or_path(
+    data: bytes, text: str, limits: ImageLimits, header_only: bool = False
+) -> Image.Image:
     """Decode base64 payload bytes; a '/a/b'-like string that decodes to no known image format
     was probably a path (JPEG base64 starts with '/9j/', so '/' alone does not decide)."""
     try:
-        return decode_image_bytes(data, limits)
+        return decode_image_bytes(data, limits, header_only=header_only)
     except InvalidImage as err:
         if not _looks_like_path(text) or _has_image_header(data):
             raise
@@ -272,8 +304,11 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def decode_image_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode encoded image bytes, refusing oversized inputs before the pixels are decoded."""
+def decode_image_bytes(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, header_only: bool = False
+) -> Image.Image:
+    """Decode encoded image bytes, refusing oversized inputs before the pixels are decoded
+    (``header_only``: open and check them, but do not decode the pixels)."""
     if not data:
         raise InvalidImage("empty image data (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -289,7 +324,7 @@ def decode_image_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
     except Exception as err:  # PIL's parsers raise many types on hostile headers
         raise InvalidImage(f"truncated or corrupt image data ({len(data)} bytes): {err}") from err
     _check_pixels(image.size, limits)
-    return _load_pixels(image, limits, nbytes=len(data))
+    return image if header_only else _load_pixels(image, limits, nbytes=len(data))
 
 
 def _load_pixels(image: Image.Image, limits: ImageLimits, *, nbytes: int | None) -> Image.Image:
@@ -310,8 +345,8 @@ def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
     if width * height > limits.max_pixels:
         raise InvalidImage(
-            f"image is {width}x{height} = {_megapixels(width * height)} megapixels, over the "
-            f"{_megapixels(limits.max_pixels)} megapixel limit"
+            f"image is {width}x{height} = {megapixels(width * height)} megapixels, over the "
+            f"{megapixels(limits.max_pixels)} megapixel limit"
         )
 
 
@@ -319,9 +354,9 @@ def _bomb_message(err: Exception, limits: ImageLimits) -> str:
     # PIL refuses images far beyond its own limit inside Image.open, before we can read .size;
     # its message carries the pixel count.
     match = re.search(r"\((\d+) pixels\)", str(err))
-    size = f"{_megapixels(int(match.group(1)))} megapixels" if match else "too large"
+    size = f"{megapixels(int(match.group(1)))} megapixels" if match else "too large"
     return (
-        f"image is {size}, over the {_megapixels(limits.max_pixels)} megapixel limit "
+        f"image is {size}, over the {megapixels(limits.max_pixels)} megapixel limit "
         "(refused before decoding)"
     )
 
@@ -345,7 +380,3 @@ def _describe_bytes(data: bytes) -> str:
         return f"{len(data)} bytes of binary data starting {data[:8].hex(' ')}"
     kind = "HTML" if text.lstrip()[:1] == "<" else "text"
     return f"{len(data)} bytes of {kind}: {preview(text)}"
-
-
-def _megapixels(pixels: int) -> str:
-    return f"{pixels / 1e6:.4g}"

@@ -40,3 +40,10 @@ def preview(text: str, limit: int = 60) -> str:
 def megabytes(nbytes: int) -> str:
     """``20971520`` -> ``'20 MB'``."""
     return f"{nbytes / (1024 * 1024):g} MB"
+
+
+def megapixels(pixels: int) -> str:
+    """A pixel count as a person reads it in megapixels: ``40_000_000`` -> ``'40'``,
+    ``1e10`` -> ``'10,000'``, ``1_000`` -> ``'0.001'`` (never ``'1e+04'``)."""
+    value = pixels / 1e6
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"

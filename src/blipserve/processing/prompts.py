@@ -14,7 +14,7 @@ A rendered template is stripped at its ends too; inside it, it is kept as writte
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from blipserve.errors import InvalidRequest
@@ -71,11 +71,34 @@ def chat_prompt(messages: Sequence[Mapping[str, Any]], template: str = DEFAULT_V
       index in ``messages``.
     """
     _check_template(template)
+    return _render(_turns(messages), template)
+
+
+def fit_chat_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    fits: Callable[[str], bool],
+    template: str = DEFAULT_VQA_TEMPLATE,
+) -> tuple[str, int]:
+    """:func:`chat_prompt` of the newest turns whose prompt ``fits``, and how many older
+    turns it leaves out (0: the whole conversation fits).
+
+    Turns are left out from the oldest, a question and its answer at a time. The last user
+    message is always kept, even when it alone does not fit (the caller then clamps the
+    answer's length, or refuses the prompt).
+    """
+    _check_template(template)
     turns = _turns(messages)
-    parts: list[str] = []
-    for role, text in turns:
-        parts.append(vqa_prompt(text, template) if role == USER else text)
-    return " ".join(parts)
+    starts = [i for i, (role, _) in enumerate(turns) if role == USER]
+    for start in starts[:-1]:
+        prompt = _render(turns[start:], template)
+        if fits(prompt):
+            return prompt, start
+    return _render(turns[starts[-1] :], template), starts[-1]
+
+
+def _render(turns: Sequence[tuple[str, str]], template: str) -> str:
+    """User turns through ``template``, answers as they are, joined by one space."""
+    return " ".join(vqa_prompt(text, template) if role == USER else text for role, text in turns)
 
 
 def _check_template(template: str) -> None:

@@ -5,7 +5,8 @@ The app owns start-up and shutdown, ``/``, ``/ping``, ``/health``, ``/version`` 
 (:mod:`~blipserve.server.middleware`) and one router per protocol
 (:mod:`~blipserve.server.azure`, :mod:`~blipserve.server.mlflow`,
 :mod:`~blipserve.server.openai`), which take what they share from
-:mod:`~blipserve.server.deps` and :mod:`~blipserve.server.schemas`.
+:mod:`~blipserve.server.deps` and :mod:`~blipserve.server.schemas`; ``/docs`` (Swagger UI
+from the package, no CDN) comes from :mod:`~blipserve.server.docs`.
 
 The model loads on a worker thread when the app starts; until it is ready the health
 routes answer 503 and the model routes 503 too. Shutdown (SIGTERM/SIGINT through
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -29,7 +31,7 @@ from blipserve import __version__
 from blipserve.api import Pipeline, load
 from blipserve.engine.scheduler import Scheduler
 from blipserve.processing.fetch import UrlPolicy
-from blipserve.server import azure, errors, mlflow, openai
+from blipserve.server import azure, docs, errors, mlflow, openai
 from blipserve.server.deps import AppState
 from blipserve.server.metrics import Metrics
 from blipserve.server.middleware import AccessLog, BodyLimit
@@ -42,20 +44,35 @@ def create_app(
     pipe: Pipeline | None = None,
     *,
     loader: Callable[[ServerSettings], Pipeline] | None = None,
+    on_load_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app for ``settings``. ``pipe`` serves an already loaded pipeline (tests,
     embedding); otherwise ``loader`` (``blipserve.load`` by default) runs on a worker
-    thread after start-up, while the health routes answer 503 "loading"."""
+    thread after start-up, while the health routes answer 503 "loading". When loading
+    fails, the health routes say why, and ``on_load_error(reason)`` is called (``blipserve
+    serve`` stops the server with it)."""
     state = AppState(settings, Metrics())
     load = loader or _load
+    log = logging.getLogger("blipserve")
 
     async def bring_up() -> Scheduler:
+        started = time.perf_counter()
         try:
             loaded = pipe or await anyio.to_thread.run_sync(load, settings)
-        except Exception as error:  # kept for the health routes; the process stays up
+        except Exception as error:
             state.load_error = f"{type(error).__name__}: {error}"
-            logging.getLogger("blipserve").error("loading %s failed: %s", settings.model, error)
+            log.error("loading %s failed: %s", settings.model, state.load_error)
+            if on_load_error is not None:
+                on_load_error(state.load_error)
             raise
+        if pipe is None:
+            log.info(
+                "loaded model %s (%s, %s) in %.1f s",
+                settings.model,
+                str(loaded.model.dtype).removeprefix("torch."),
+                loaded.device,
+                time.perf_counter() - started,
+            )
         scheduler = _scheduler(loaded, settings, state.metrics)
         scheduler.start()
         state.service = ModelService(
@@ -98,8 +115,11 @@ def create_app(
         summary="BLIP-2 captioning and visual question answering: Azure ML, MLflow and "
         "OpenAI-compatible routes",
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves /docs from the package, not a CDN
+        redoc_url=None,
     )
     errors.install(app)
+    docs.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog, metrics=state.metrics)
     _health_routes(app, state)

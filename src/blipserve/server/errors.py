@@ -7,6 +7,7 @@ generic 500).
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -72,8 +73,19 @@ def install(app: FastAPI) -> None:
         return error_response(500, INTERNAL, "internal")
 
 
+def invalid_json(error: json.JSONDecodeError) -> str:
+    """``request body is not valid JSON: Expecting ',' delimiter at line 1, column 16``"""
+    where = f"line {error.lineno}, column {error.colno}"
+    return f"request body is not valid JSON: {error.msg} at {where}"
+
+
 def validation_message(exc: RequestValidationError) -> str:
-    """pydantic's first complaint, as one line: ``body.messages.0.role: Input should be ...``"""
+    """pydantic's first complaint, as one line: ``body.messages.0.role: Input should be ...``;
+    a body that is not JSON says where it broke."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid" and isinstance(exc.body, str):
+        _, pos = first["loc"]
+        return invalid_json(json.JSONDecodeError(first["ctx"]["error"], exc.body, pos))
     parts = []
     for error in exc.errors()[:3]:
         where = ".".join(str(p) for p in error.get("loc", ()))

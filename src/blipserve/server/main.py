@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from blipserve.errors import InvalidRequest
+from blipserve.errors import BlipserveError, InvalidRequest
 from blipserve.server.settings import add_arguments, settings_from
 
 GRACEFUL_SHUTDOWN_SECONDS = 100  # in-flight requests get their full 90 s timeout
@@ -41,12 +41,24 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning(
             "serving on %s without an API key: anyone who can reach it can use it", settings.host
         )
-    uvicorn.run(
-        create_app(settings),
+    failure: list[str] = []
+
+    def stop(reason: str) -> None:  # a model that cannot load: no point answering 503
+        failure.append(reason)
+        server.should_exit = True
+
+    config = uvicorn.Config(
+        create_app(settings, on_load_error=stop),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # blipserve.access logs one JSON line per request instead
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+    server = uvicorn.Server(config)
+    server.run()
+    if failure:
+        raise BlipserveError(f"model {settings.model!r} did not load: {failure[0]}")
+    if not server.started:  # e.g. the port is taken: uvicorn has logged why
+        raise BlipserveError(f"the server did not start on {settings.host}:{settings.port}")
     return 0

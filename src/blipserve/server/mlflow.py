@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from blipserve.errors import InvalidRequest
 from blipserve.server.deps import MODEL_ROUTE, Service
+from blipserve.server.errors import invalid_json
 from blipserve.server.frames import (
     rows_from_columns,
     rows_from_csv,
@@ -72,8 +73,10 @@ async def invocations(request: Request, model: Service) -> dict:
 def _from_json(raw: bytes) -> tuple[list[Row], dict[str, Any] | None]:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise InvalidRequest(f"the body is not valid JSON: {err}") from None
+    except json.JSONDecodeError as err:
+        raise InvalidRequest(invalid_json(err)) from None
+    except ValueError as err:  # not UTF-8 (UnicodeDecodeError)
+        raise InvalidRequest(f"request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"the body must be a JSON object with one of {', '.join(FORMATS)}")
     given = [key for key in FORMATS if key in body]

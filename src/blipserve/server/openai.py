@@ -24,6 +24,13 @@ How an OpenAI request maps onto BLIP-2:
   other temperature or ``top_p`` samples. ``n > 1`` samples (at temperature 1 unless set),
   since greedy decoding has only one answer; ``n > 1`` with ``temperature: 0`` is a 400.
   ``seed`` makes sampling repeatable. ``max_completion_tokens`` wins over ``max_tokens``.
+- **Context length** (vLLM's rules): the model has ``max_position_embeddings`` positions
+  for the image queries, the prompt and the answer. A conversation too long for them (with
+  room for the answer) keeps its newest turns, the last user message always; an explicit
+  ``max_tokens`` that still does not fit is a 400 ("This model's maximum context length
+  is ..."), as is a last message that alone leaves no room. Without ``max_tokens`` the
+  answer gets the checkpoint's default or the room left, whichever is less, and ends with
+  ``finish_reason: "length"`` when it runs out.
 - **Usage.** ``prompt_tokens`` counts what the language model reads before the answer:
   the image's query tokens (32 for BLIP-2) plus the prompt's tokens, BOS included; it is
   counted once, whatever ``n``. ``completion_tokens`` counts the tokens generated over all
@@ -51,7 +58,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
@@ -63,7 +70,7 @@ from blipserve.engine.generate import FinishReason
 from blipserve.engine.params import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES, MAX_STOP_STRINGS
 from blipserve.errors import InvalidImage, InvalidRequest
 from blipserve.outputs import Generation
-from blipserve.processing.prompts import IGNORED_ROLES, chat_prompt
+from blipserve.processing.prompts import IGNORED_ROLES, fit_chat_prompt
 from blipserve.server import errors
 from blipserve.server.deps import MODEL_ROUTE, Service, json_content
 from blipserve.server.service import ModelService, Row, StreamDelta
@@ -224,8 +231,12 @@ async def chat_completions(body: ChatRequest, request: Request, model: Service) 
     _refuse_unsupported(body)
     if body.stream and body.n > 1:
         raise InvalidRequest("n > 1 cannot be streamed; set n to 1 or stream to false")
-    row, image_at = _row(body.messages)
     params = model.params(_options(body))
+    explicit = body.max_completion_tokens or body.max_tokens
+    row, image_at = _row(
+        body.messages, lambda prompt: model.pipe.room(prompt) >= params.max_new_tokens
+    )
+    _check_context(model, row.prompt, explicit)
     reply = _Reply(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -272,9 +283,10 @@ def _refuse_unsupported(body: ChatRequest) -> None:
             )
 
 
-def _row(messages: list[Message]) -> tuple[Row, str]:
-    """The conversation's one image and its text turns -> a Row (image source, prompt), and
-    where the image is in the request (for error messages)."""
+def _row(messages: list[Message], fits: Callable[[str], bool]) -> tuple[Row, str]:
+    """The conversation's one image and its text turns -> a Row (image source, prompt of
+    the newest turns that ``fits``), and where the image is in the request (for error
+    messages)."""
     images: list[tuple[str, str]] = []  # (where, url)
     turns: list[dict[str, str]] = []
     for i, message in enumerate(messages):
@@ -317,8 +329,30 @@ def _row(messages: list[Message]) -> tuple[Row, str]:
         raise InvalidRequest(
             f"{where}.image_url.url must be an http(s) URL or a data:image/...;base64, URL"
         )
-    captioning = all(t["role"] in IGNORED_ROLES for t in turns)
-    return Row(url, "" if captioning else chat_prompt(turns)), where
+    if all(t["role"] in IGNORED_ROLES for t in turns):
+        return Row(url, ""), where  # captioning
+    prompt, dropped = fit_chat_prompt(turns, fits)
+    if dropped:
+        log.debug("chat: %d oldest turns left out to fit the model's positions", dropped)
+    return Row(url, prompt), where
+
+
+def _check_context(model: ModelService, prompt: str, max_tokens: int | None) -> None:
+    """400 in OpenAI's and vLLM's words when the prompt, with an explicit ``max_tokens``,
+    or alone, does not fit the model's positions."""
+    limit, room = model.pipe.context_length, model.pipe.room(prompt)
+    used = limit - room
+    if max_tokens is not None and max_tokens > room:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{used + max_tokens} tokens ({used} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+    if room < 1:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, your messages "
+            f"resulted in {used} tokens. Please reduce the length of the messages."
+        )
 
 
 def _options(body: ChatRequest) -> dict[str, Any]:

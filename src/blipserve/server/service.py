@@ -20,14 +20,12 @@ import torch
 
 from blipserve.api import Pipeline
 from blipserve.engine.generate import FinishReason
-from blipserve.engine.params import MIN_SAMPLING_TEMPERATURE, GenerationParams
+from blipserve.engine.params import GenerationParams
 from blipserve.engine.prefix_cache import pixels_key
 from blipserve.engine.scheduler import Job, JobEvent, JobFailed, Scheduler, TokenOut
 from blipserve.errors import InvalidRequest
 from blipserve.outputs import Generation, IncrementalDecoder, stop_check, to_generation
 from blipserve.processing.fetch import UrlPolicy
-
-SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 
 
 class RequestTimeout(InvalidRequest):
@@ -68,21 +66,10 @@ class ModelService:
     def params(self, options: dict[str, Any] | None) -> GenerationParams:
         """Request options over the checkpoint's defaults; InvalidRequest names a bad one.
 
-        Options are ``GenerationParams`` fields (transformers' ``generate`` names). Unlike
-        ``generate``, ``temperature``, ``top_p`` or ``top_k`` without ``do_sample`` turn
-        sampling on (what an HTTP client setting a temperature means), except
-        ``temperature: 0`` (or below ``MIN_SAMPLING_TEMPERATURE``), which means greedy."""
-        options = {k: v for k, v in (options or {}).items() if v is not None}
-        temperature = options.get("temperature")
-        near_zero = (
-            isinstance(temperature, float | int) and 0 <= temperature < MIN_SAMPLING_TEMPERATURE
-        )
-        if near_zero and "do_sample" not in options:
-            del options["temperature"]  # 0 (or next to it) = greedy (OpenAI's convention)
-            options["do_sample"] = False
-        elif "do_sample" not in options and any(k in options for k in SAMPLING_KEYS):
-            options["do_sample"] = True
-        return self.pipe.params(**options)
+        Options are ``GenerationParams`` fields (transformers' ``generate`` names), with the
+        Python API's sampling rule: ``temperature``, ``top_p`` or ``top_k`` without
+        ``do_sample`` turn sampling on, ``temperature: 0`` means greedy."""
+        return self.pipe.params(**(options or {}))
 
     async def generate(
         self, rows: Sequence[Row], params: GenerationParams

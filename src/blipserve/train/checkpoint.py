@@ -17,6 +17,7 @@ initialised Q-Former, query tokens and projection: the starting point of stage-2
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint_tensors(model, dtype), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    save_tensors(checkpoint_tensors(model, dtype), directory / WEIGHTS_NAME)
     saved_dtype = dtype or model.language_model.lm_head.weight.dtype
     _write_json(
         directory / "config.json", {**model.config.to_hf(), "dtype": DTYPE_NAMES[saved_dtype]}
@@ -70,6 +71,15 @@ def save_checkpoint(
     _write_json(directory / "processor_config.json", processor)
     _write_json(directory / "generation_config.json", generation_config)
     return directory
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file, readable like every other output: ``save_file`` creates it 0600,
+    so it gets 0666 less the umask (0644 usually), as ``open`` would give."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def checkpoint_tensors(

@@ -55,9 +55,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_model_flags(
         train,
-        default=None,
-        required=True,
-        model_help="starting checkpoint directory or Hub id",
+        model_help="starting checkpoint: demo (default), a directory or Hub id",
         dtype_help="dtype of the frozen image encoder and language model",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -88,8 +86,14 @@ def run_train_stage2(args: argparse.Namespace) -> None:
     from blipserve.matching import load_matcher
     from blipserve.train.checkpoint import adopt_stage1_qformer
     from blipserve.train.data import read_caption_table
-    from blipserve.train.stage2 import TrainConfig, train_stage2
+    from blipserve.train.stage2 import TrainConfig, latest_checkpoint, train_stage2
 
+    latest = latest_checkpoint(args.output)
+    if latest is not None and not args.resume:  # the library's message names resume=True
+        raise BlipserveError(
+            f"--output {args.output} already holds a training run ({latest}); add --resume "
+            "to continue it, or choose another --output"
+        )
     examples = training_examples(args)
     eval_examples = read_caption_table(args.eval_data) if args.eval_data else None
     config = TrainConfig(

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from blipserve.api import load
@@ -46,7 +45,7 @@ from blipserve.model.retrieval import Blip2Retrieval, is_retrieval_config, simil
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.qformer_text import TextCodec
 from blipserve.resolve import resolve_checkpoint
-from blipserve.train.checkpoint import assemble_retrieval
+from blipserve.train.checkpoint import assemble_retrieval, save_tensors
 from blipserve.train.data import TrainExample, load_example_image
 from blipserve.train.optim import build_optimizer, warmup_cosine
 
@@ -345,9 +344,9 @@ def save_stage1(
         config = json.dumps(image_processor.to_dict(), indent=2, sort_keys=True) + "\n"
         (directory / "preprocessor_config.json").write_text(config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(state, directory / "model.safetensors")
     own = {k: v.detach().contiguous().cpu() for k, v in heads.own_state().items()}
-    save_file(own, str(directory / HEADS_FILE), metadata={"format": "pt"})
+    save_tensors(own, directory / HEADS_FILE)
     (directory / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
     return directory
 

@@ -127,13 +127,9 @@ class TrainResult:
     step: int  # optimizer steps taken in all (a resumed run counts the earlier ones)
     final_loss: float  # loss of the last step
     losses: list[float]  # one per step, step 1 first
-    evaluations: list[EvalResult]  # periodic ones, then the final one
+    evaluations: list[EvalResult]  # periodic ones, then the final one (earlier runs' too)
     output_dir: Path  # holds the final checkpoint
-
-    @property
-    def eval(self) -> EvalResult | None:
-        """The final evaluation, if there were evaluation examples."""
-        return self.evaluations[-1] if self.evaluations else None
+    eval: EvalResult | None = None  # this run's final evaluation; None without eval examples
 
 
 # -- the loss ---------------------------------------------------------------------------------
@@ -260,10 +256,9 @@ def train_stage2(
         if _due(config.save_every, trainer.step, config.max_steps):
             trainer.save_periodic()
     trainer.close_progress()
-    if eval_set:
-        trainer.evaluate(eval_set)
+    final_eval = trainer.evaluate(eval_set) if eval_set else None
     trainer.save(trainer.output_dir)
-    return trainer.result()
+    return trainer.result(final_eval)
 
 
 class _Trainer:
@@ -433,7 +428,7 @@ class _Trainer:
         if latest is not None and not resume:
             raise InvalidRequest(
                 f"{self.output_dir} already holds a training run ({latest}); resume it "
-                "(resume=True, --resume) or choose another output directory"
+                "(resume=True) or choose another output directory"
             )
         if latest is not None:
             self._restore(latest)
@@ -490,9 +485,10 @@ class _Trainer:
         saved = trainer_state["config"]
         for name in ("batch_size", "seed"):  # they fix the data order
             if saved[name] != getattr(self.config, name):
+                what = name.replace("_", " ")
                 raise InvalidRequest(
-                    f"cannot resume {directory}: it was trained with {name}={saved[name]}, "
-                    f"not {getattr(self.config, name)}"
+                    f"cannot resume {directory}: it was trained with {what} {saved[name]}, "
+                    f"not {getattr(self.config, name)}; resume with the same {what}"
                 )
         self._load_trainable(directory / WEIGHTS_NAME)
         state = torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
@@ -516,10 +512,10 @@ class _Trainer:
         with (self.output_dir / LOG_FILE).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def result(self) -> TrainResult:
+    def result(self, final_eval: EvalResult | None) -> TrainResult:
         final = self.losses[-1] if self.losses else math.nan
         return TrainResult(
-            self.step, final, list(self.losses), list(self.evaluations), self.output_dir
+            self.step, final, list(self.losses), list(self.evaluations), self.output_dir, final_eval
         )
 
 
