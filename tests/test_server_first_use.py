@@ -3,6 +3,7 @@ curl request with an ordinary photo, malformed JSON, and ``/docs`` without inter
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -95,3 +96,28 @@ def test_swagger_ui_loads_only_from_the_server(server):
     assert httpx.get(server + "/openapi.json").status_code == 200
     assert '"validatorUrl": null' in page.text  # no badge fetched from validator.swagger.io
     assert httpx.get(server + "/redoc").status_code == 404  # ReDoc exists only on a CDN
+
+
+def readme_python_block(containing: str) -> str:
+    """The README's one fenced python block that contains ``containing``."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, f"expected one README python block with {containing!r}"
+    return found[0]
+
+
+def test_readme_openai_client_example(server, demo, tmp_path):
+    """The README's OpenAI-client snippet as written, with a real photo in the data URL
+    and the test server's address: it prints the answer pipe.chat gives."""
+    photo = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(photo, "JPEG", quality=90)
+    data_url = "data:image/jpeg;base64," + base64.b64encode(photo.getvalue()).decode()
+    code = readme_python_block("OpenAI(")
+    assert "http://localhost:8080/v1" in code and "data:image/jpeg;base64,..." in code
+    code = code.replace("http://localhost:8080/v1", server + "/v1")
+    code = code.replace("data:image/jpeg;base64,...", data_url)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    messages = [{"role": "user", "content": "what is in the picture?"}]
+    want = demo.chat(photo.getvalue(), messages, max_new_tokens=30)
+    assert done.stdout.strip() == want.strip()
