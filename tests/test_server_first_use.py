@@ -34,7 +34,8 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server(demo):
-    with live_server(create_app(ServerSettings(model="demo"), pipe=demo)) as url:
+    settings = ServerSettings(model="demo", api_key="secret")  # the README's key
+    with live_server(create_app(settings, pipe=demo)) as url:
         yield url
 
 
@@ -72,7 +73,9 @@ def test_malformed_json_says_where_it_broke(server):
     body = b'{"input_data": {"columns": ["image"] "data": []}}'
     for route in ("/score", "/invocations", "/v1/chat/completions"):
         response = httpx.post(
-            server + route, content=body, headers={"content-type": "application/json"}
+            server + route,
+            content=body,
+            headers={"content-type": "application/json", "authorization": "Bearer secret"},
         )
         assert response.status_code == 400, (route, response.text)
         assert response.json()["error"]["message"] == (
