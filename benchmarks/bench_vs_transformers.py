@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +37,20 @@ from photos import photo_batch, reference_image_processor
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def run_in_children(script: str, variants: Sequence[str]) -> dict[str, dict]:
+    """Each variant measured in its own process (``script`` with this run's arguments plus
+    ``--child VARIANT``), one after the other: -> the JSON its last stdout line holds."""
+    results = {}
+    for variant in variants:
+        argv = [sys.executable, script, *sys.argv[1:], "--child", variant]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{variant}: done", file=sys.stderr)
+    return results
 
 
 def peak_memory_mb(device: str) -> float:
@@ -198,14 +213,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
-    results = {}
-    for impl in ("transformers", "blipserve"):
-        argv = [sys.executable, __file__, *sys.argv[1:], "--child", impl]
-        done = subprocess.run(argv, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{impl} failed:\n{done.stderr}")
-        results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{impl}: done", file=sys.stderr)
+    results = run_in_children(__file__, ("transformers", "blipserve"))
     text = report(results, args)
     print(text)
     if args.out:

@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from PIL import ImageOps
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_vs_transformers import Transformers as TransformersBaseline
-from bench_vs_transformers import peak_rss_mb
+from bench_vs_transformers import peak_rss_mb, run_in_children
 from full_size import build
 from photos import photo_batch
 
@@ -250,14 +249,7 @@ def main() -> None:
     capability = cpu_capability()
     print(json.dumps(capability), file=sys.stderr)
     build(args.checkpoint, torch.float32)
-    results: dict[str, dict] = {}
-    for variant in args.variants.split(","):
-        argv = [sys.executable, __file__, *sys.argv[1:], "--child", variant]
-        done = subprocess.run(argv, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{variant}: done", file=sys.stderr)
+    results = run_in_children(__file__, args.variants.split(","))
     text = report(capability, results, args)
     print(text)
     profiled = profile(args) if args.profile else None

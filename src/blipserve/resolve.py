@@ -52,14 +52,12 @@ def resolve_checkpoint(name: str) -> Path:
 
 
 def demo_checkpoint() -> Path:
-    directory = Path(__file__).parent / "demo_model"
-    if not (directory / "config.json").is_file():
-        raise ModelNotFound(
-            f"the bundled demo model is missing from this installation ({directory}); "
-            "reinstall blipserve, rebuild it with `python -m blipserve.train.demo`, or pass a "
-            "checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b' with --model"
-        )
-    return directory
+    return _bundled(
+        "demo_model",
+        "the bundled demo model",
+        "`python -m blipserve.train.demo`",
+        "a checkpoint directory or a Hub id such as 'Salesforce/blip2-opt-2.7b'",
+    )
 
 
 def resolve_matcher_checkpoint(name: str) -> Path:
@@ -67,12 +65,22 @@ def resolve_matcher_checkpoint(name: str) -> Path:
     matcher (stage 1 on the demo model's image encoder, docs/demo-model.md)."""
     if name != DEMO_NAME:
         return resolve_checkpoint(name)
-    directory = Path(__file__).parent / "demo_matcher"
+    return _bundled(
+        "demo_matcher",
+        "the bundled demo matcher",
+        "`python scripts/build_demo_matcher.py`",
+        "a matching checkpoint such as 'Salesforce/blip2-itm-vit-g'",
+    )
+
+
+def _bundled(folder: str, what: str, rebuild: str, instead: str) -> Path:
+    """The checkpoint shipped in the package's ``folder``, or ModelNotFound saying how to
+    get it back."""
+    directory = Path(__file__).parent / folder
     if not (directory / "config.json").is_file():
         raise ModelNotFound(
-            f"the bundled demo matcher is missing from this installation ({directory}); "
-            "reinstall blipserve, rebuild it with `python scripts/build_demo_matcher.py`, or "
-            "pass a matching checkpoint such as 'Salesforce/blip2-itm-vit-g' with --model"
+            f"{what} is missing from this installation ({directory}); reinstall blipserve, "
+            f"rebuild it with {rebuild}, or pass {instead} with --model"
         )
     return directory
 
