@@ -58,7 +58,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
@@ -66,11 +66,12 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from blipserve.api import Pipeline
 from blipserve.engine.generate import FinishReason
 from blipserve.engine.params import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES, MAX_STOP_STRINGS
 from blipserve.errors import InvalidImage, InvalidRequest
 from blipserve.outputs import Generation
-from blipserve.processing.prompts import IGNORED_ROLES, fit_chat_prompt
+from blipserve.processing.prompts import IGNORED_ROLES
 from blipserve.server import errors
 from blipserve.server.deps import MODEL_ROUTE, Service, json_content
 from blipserve.server.service import ModelService, Row, StreamDelta
@@ -233,9 +234,7 @@ async def chat_completions(body: ChatRequest, request: Request, model: Service) 
         raise InvalidRequest("n > 1 cannot be streamed; set n to 1 or stream to false")
     params = model.params(_options(body))
     explicit = body.max_completion_tokens or body.max_tokens
-    row, image_at = _row(
-        body.messages, lambda prompt: model.pipe.room(prompt) >= params.max_new_tokens
-    )
+    row, image_at = _row(body.messages, model.pipe, params.max_new_tokens)
     _check_context(model, row.prompt, explicit)
     reply = _Reply(
         id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -283,10 +282,10 @@ def _refuse_unsupported(body: ChatRequest) -> None:
             )
 
 
-def _row(messages: list[Message], fits: Callable[[str], bool]) -> tuple[Row, str]:
+def _row(messages: list[Message], pipe: Pipeline, max_new_tokens: int) -> tuple[Row, str]:
     """The conversation's one image and its text turns -> a Row (image source, prompt of
-    the newest turns that ``fits``), and where the image is in the request (for error
-    messages)."""
+    the newest turns that leave ``pipe`` room for ``max_new_tokens``), and where the image
+    is in the request (for error messages)."""
     images: list[tuple[str, str]] = []  # (where, url)
     turns: list[dict[str, str]] = []
     for i, message in enumerate(messages):
@@ -331,7 +330,7 @@ def _row(messages: list[Message], fits: Callable[[str], bool]) -> tuple[Row, str
         )
     if all(t["role"] in IGNORED_ROLES for t in turns):
         return Row(url, ""), where  # captioning
-    prompt, dropped = fit_chat_prompt(turns, fits)
+    prompt, dropped = pipe.fit_chat(turns, max_new_tokens)
     if dropped:
         log.debug("chat: %d oldest turns left out to fit the model's positions", dropped)
     return Row(url, prompt), where
