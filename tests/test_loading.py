@@ -67,10 +67,11 @@ def test_config_defaults_follow_the_reference():
     assert ours.vision.num_positions == 257 and ours.vision.head_dim == 88
 
 
-def test_flan_t5_is_not_supported_yet():
-    config = {"model_type": "blip-2", "text_config": {"model_type": "t5"}}
-    with pytest.raises(UnsupportedModel, match="'t5' language model is not supported yet"):
-        Blip2Config.from_hf(config)
+def test_t5_text_config_picks_t5_and_other_language_models_are_refused():
+    config = Blip2Config.from_hf({"model_type": "blip-2", "text_config": {"model_type": "t5"}})
+    assert config.is_encoder_decoder and config.text.model_type == "t5"
+    with pytest.raises(UnsupportedModel, match="'llama' language model is not supported"):
+        Blip2Config.from_hf({"model_type": "blip-2", "text_config": {"model_type": "llama"}})
 
 
 def test_other_model_types_are_refused():

@@ -9,6 +9,7 @@ import torch
 import transformers
 from torch import nn
 
+from blipserve.engine.kv_cache import KVCache
 from blipserve.errors import UnsupportedModel
 from blipserve.model.t5 import T5Config, T5ForConditionalGeneration, relative_position_bucket
 
@@ -135,12 +136,55 @@ def test_greedy_tokens_match_reference(hf):
     assert torch.equal(mine, theirs)
 
 
-def test_tied_head_scales_decoder_output_as_reference():
-    """The reference reads the flag as ``scale_decoder_outputs`` (its ``tie_word_embeddings``
-    attribute is always True in transformers 5.24); ours is the config.json value."""
-    for hf in (FLAN, ORIGINAL):
+def test_decoder_output_scaling_read_as_reference():
+    """The reference reads ``tie_word_embeddings`` as ``scale_decoder_outputs`` (its own
+    ``tie_word_embeddings`` attribute is always True in transformers 5.24), and a file it
+    wrote carries both: ``true`` and ``false`` for a Flan-T5."""
+    written_by_transformers_5 = {
+        **FLAN,
+        "tie_word_embeddings": True,
+        "scale_decoder_outputs": False,
+    }
+    for hf in (FLAN, ORIGINAL, written_by_transformers_5, {}):
         expected = transformers.T5Config(**hf).scale_decoder_outputs
-        assert T5Config.from_hf(hf).tie_word_embeddings == expected
+        assert T5Config.from_hf(hf).scale_decoder_outputs == expected, hf
+    assert T5Config.from_hf(written_by_transformers_5).tie_word_embeddings
+
+
+@CONFIGS
+def test_cached_decoding_equals_full_recompute(hf):
+    """Token by token through a preallocated cache, cross-attention K/V computed once: the
+    logits of every step equal the no-cache decode of the whole sequence."""
+    reference = reference_t5(hf, seed=3)
+    ours = ours_from(reference, hf)
+    embeds, mask = encoder_inputs(seed=3)
+    g = torch.Generator().manual_seed(3)
+    decoder_ids = torch.randint(2, TINY["vocab_size"], (3, 18), generator=g)
+    decoder_ids[:, 0] = hf["decoder_start_token_id"]
+    config = ours.config
+    cache = KVCache(
+        config.num_decoder_layers, 3, config.num_heads, 24, config.d_kv, torch.float32, "cpu"
+    )
+    with torch.no_grad():
+        cross_kv = ours.cross_key_values(ours.encode(embeds, mask))  # (L, 3, H, 20, d_kv)
+        full = ours.decode(decoder_ids, cross_kv, mask)  # (3, 18, V)
+        steps = [ours.decode(decoder_ids[:, :5], cross_kv, mask, cache, 0)]  # a 5-token start
+        for t in range(5, 18):
+            steps.append(ours.decode(decoder_ids[:, t : t + 1], cross_kv, mask, cache, t))
+    assert cross_kv.k.shape == (config.num_decoder_layers, 3, config.num_heads, 20, config.d_kv)
+    assert_close_to_scale(torch.cat(steps, dim=1), full)
+
+
+def test_cross_key_values_widen_and_select_rows():
+    ours = ours_from(reference_t5(FLAN), FLAN)
+    embeds, mask = encoder_inputs()
+    with torch.no_grad():
+        cross_kv = ours.cross_key_values(ours.encode(embeds, mask))
+    k = cross_kv.k.clone()
+    cross_kv.repeat_interleave(2)  # rows 0 0 1 1 2 2
+    cross_kv.select(torch.tensor([5, 0]))
+    assert torch.equal(cross_kv.k, k[:, [2, 0]])
+    assert torch.equal(cross_kv.layer(1)[0], k[1, [2, 0]])
 
 
 def test_from_hf_defaults_equal_reference_class_defaults():

@@ -24,7 +24,7 @@ from PIL import Image
 
 from blipserve.engine.conversation import ConversationCache
 from blipserve.engine.generate import generate, stream
-from blipserve.engine.params import GenerationParams
+from blipserve.engine.params import MAX_NEW_TOKENS, GenerationParams
 from blipserve.engine.prefix_cache import PrefixCache, pixels_key
 from blipserve.errors import HistoryTruncated, InvalidRequest, UnsupportedModel
 from blipserve.generation_config import CheckpointDefaults
@@ -85,7 +85,7 @@ def load(
         directory,
         config,
         device=target,
-        dtype=resolve_dtype(dtype, target),
+        dtype=resolve_dtype(dtype, target, float16_ok=not config.is_encoder_decoder),
         quantize=None if quantize == "none" else quantize,
     )
     if not for_training and target.type == "cpu":
@@ -144,12 +144,18 @@ class Pipeline:
 
     @property
     def context_length(self) -> int:
-        """Positions the language model has: image queries + BOS + prompt + new tokens."""
+        """Positions the language model has: image queries + BOS + prompt + new tokens.
+        T5 (relative positions) has no limit: its decoder's, the most new tokens asked for."""
+        if self.model.config.is_encoder_decoder:
+            return MAX_NEW_TOKENS
         return self.model.config.text.max_position_embeddings
 
     def room(self, prompt: str) -> int:
         """New tokens the model's positions leave after the image queries and ``prompt``
-        (BOS included); 0 or less: the prompt alone does not fit."""
+        (BOS included); 0 or less: the prompt alone does not fit. T5's encoder takes the
+        prompt apart from the new tokens: every prompt leaves :attr:`context_length`."""
+        if self.model.config.is_encoder_decoder:
+            return self.context_length
         used = self.model.config.num_query_tokens + len(self.tokenizer.encode(prompt))
         return self.context_length - used
 

@@ -128,20 +128,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, *, float16_ok: bool = True
+) -> torch.dtype:
     """``auto``: the dtype the device multiplies fastest. On a GPU bfloat16 (float16 where
     it has none); on a CPU bfloat16 where the processor computes it natively
     (:func:`cpu_has_native_bf16`), else float32. Ask for float32 for exact parity with
-    transformers' float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    transformers' float32.
+
+    ``float16_ok=False`` (T5: its activations overflow float16's range, known since T5's
+    release): ``auto`` takes float32 where it would take float16, and float16 asked for by
+    name is refused."""
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float16 if float16_ok else torch.float32
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if dtype not in DTYPES:
+    resolved = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
+    if resolved is None:
         raise InvalidRequest(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} or 'auto'")
-    return DTYPES[dtype]
+    if resolved == torch.float16 and not float16_ok:
+        raise InvalidRequest(
+            "float16 is refused for T5 (Flan-T5) language models: their activations overflow "
+            "it (inf/NaN, empty or garbled text); use bfloat16 (the GPU default) or float32"
+        )
+    return resolved
 
 
 @functools.cache

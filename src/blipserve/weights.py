@@ -42,9 +42,14 @@ SKIPPED: dict[str, str] = {
     ),
     r"qformer\.embeddings\.": "the Q-Former's text embeddings, used only for image-text matching",
     r".*\.position_ids$": "a constant index buffer; positions are computed, not stored",
+    r"language_model\.(encoder|decoder)\.embed_tokens\.weight$": (
+        "a copy of T5's language_model.shared.weight, the one embedding table both stacks use"
+    ),
+    r"language_model\.decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.": (
+        "T5's cross-attention has no position bias; some exports carry an unused table"
+    ),
 }
 TIED_HEAD = "language_model.lm_head.weight"
-INPUT_EMBEDDING = "language_model.model.decoder.embed_tokens.weight"
 COPY_THREADS = 8  # host-to-device copies in flight while loading onto an accelerator
 QUANTIZATIONS = ("int8",)
 LEGACY_BIAS = re.compile(r"(vision_model\.encoder\.layers\.\d+\.self_attn)\.(q_bias|v_bias)$")
@@ -184,6 +189,9 @@ def load_model(
     with torch.device("meta"):
         model = Blip2Model(config) if isinstance(config, Blip2Config) else Blip2Retrieval(config)
     tie_head = isinstance(config, Blip2Config) and config.tie_word_embeddings
+    # The reference ties OPT's head whatever the file holds; a T5 head the file holds is its
+    # own (transformers 5 writes tie_word_embeddings true for untied Flan-T5 heads too).
+    head_from_file = isinstance(config, Blip2Config) and config.is_encoder_decoder
     int8_weights = set()
     if quantize is not None:
         if quantize not in QUANTIZATIONS or not isinstance(model, Blip2Model):
@@ -204,7 +212,7 @@ def load_model(
             return {name: q, scales_name: scales.to(expected[scales_name].dtype)}
         return {name: to_target(tensor, device, torch.float32 if keeps_fp32(name) else dtype)}
 
-    tensors = checked_tensors(directory, expected, tie_head=tie_head)
+    tensors = checked_tensors(directory, expected, tie_head=tie_head and not head_from_file)
     loaded: dict[str, torch.Tensor] = {}
     if device.type == "cpu":  # torch already spreads each dtype conversion over the cores
         for name, tensor in tensors:
@@ -216,11 +224,15 @@ def load_model(
                 loaded.update(future.result())
 
     head_is_int8 = TIED_HEAD in int8_weights
-    if tie_head and INPUT_EMBEDDING in loaded:
+    tie_head = tie_head and TIED_HEAD not in loaded
+    embedding = (
+        "language_model." + type(model.language_model).input_embedding_key if tie_head else ""
+    )
+    if embedding in loaded:
         if head_is_int8:  # its own int8 copy; the embedding lookup keeps the full precision
-            loaded.update(convert(TIED_HEAD, loaded[INPUT_EMBEDDING]))
+            loaded.update(convert(TIED_HEAD, loaded[embedding]))
         else:
-            loaded[TIED_HEAD] = loaded[INPUT_EMBEDDING]
+            loaded[TIED_HEAD] = loaded[embedding]
     missing = [name for name in expected if name not in loaded]
     if missing:
         shown = ", ".join(missing[:5]) + (

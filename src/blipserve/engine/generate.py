@@ -23,6 +23,10 @@ beams or samples afterwards. What the reference does that we match:
 they are ignored, as in the reference (an API layer that wants "temperature implies
 sampling" sets ``do_sample`` itself). Beam sampling (``do_sample`` with ``num_beams > 1``)
 is refused.
+
+A T5 language model (the Flan-T5 checkpoints) takes the same loops over another decode
+state: the prefix and prompt go to its encoder once, the decoder steps from its start
+token (:mod:`blipserve.engine.encoder_decoder`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 from blipserve.engine.beam_search import BeamSearch
 from blipserve.engine.conversation import ConversationCache, ReusedSlots
+from blipserve.engine.encoder_decoder import EncoderDecoderState, build_encoder_batch
 from blipserve.engine.kv_cache import KVCache
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.sampling import (
@@ -50,7 +55,9 @@ from blipserve.engine.sampling import (
     top_p_filter,
 )
 from blipserve.errors import InvalidRequest
+from blipserve.model.blip2 import LanguageModel
 from blipserve.model.opt import OPTConfig, OPTForCausalLM
+from blipserve.model.t5 import T5ForConditionalGeneration
 
 FinishReason = Literal["stop", "length"]
 StopChecker = Callable[[int, list[int]], bool]  # (input row, new token ids) -> stop now?
@@ -178,6 +185,11 @@ class DecodeState:
         self.length = length  # filled cache slots
         self.seen = seen_token_mask(batch.history_ids, lm.config.vocab_size) if track_seen else None
 
+    @property
+    def batch_size(self) -> int:
+        """Input rows (images), before widening to beams or samples."""
+        return self.batch.key_mask.shape[0]
+
     def prefill(self) -> torch.Tensor:
         """-> (B, V) logits for the first new token (only the slots not reused are run)."""
         if not self.reused:
@@ -268,28 +280,35 @@ def token_budget(
 
 
 def _prepare(
-    lm: OPTForCausalLM,
+    lm: LanguageModel,
     prefix_embeds: torch.Tensor,
     prompt_ids: list[list[int]],
     params: GenerationParams,
     pad_token_id: int,
     image_token_id: int | None,
     reuse: ReusedSlots | None = None,
-) -> tuple[DecodeState, list[int]]:
-    """The decode state of the prompt rows, and each row's :func:`token_budget`."""
+) -> tuple[DecodeState | EncoderDecoderState, list[int]]:
+    """The decode state of the prompt rows, and each row's :func:`token_budget` (T5: no
+    position limit, ``max_new_tokens`` for every row)."""
     params.validate()
+    track_seen = params.repetition_penalty != 1.0
+    if isinstance(lm, T5ForConditionalGeneration):
+        encoder_batch = build_encoder_batch(
+            lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id
+        )
+        state = EncoderDecoderState(lm, encoder_batch, params.max_new_tokens, track_seen)
+        return state, [params.max_new_tokens] * len(prompt_ids)
     batch = build_prompt_batch(
         lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id, image_token_id=image_token_id
     )
     q = prefix_embeds.shape[1]
     lengths = batch.key_mask.sum(dim=1).tolist()  # positions per row, padding not counted
     budgets = [token_budget(lm.config, n, q, params.max_new_tokens) for n in lengths]
-    track_seen = params.repetition_penalty != 1.0
     return DecodeState(lm, batch, max(budgets), track_seen, reuse), budgets
 
 
 def _token_stream(
-    state: DecodeState,
+    state: DecodeState | EncoderDecoderState,
     budgets: list[int],
     params: GenerationParams,
     eos_token_ids: list[int],
@@ -331,7 +350,7 @@ def _token_stream(
 
 
 def _beam_search(
-    state: DecodeState,
+    state: DecodeState | EncoderDecoderState,
     budgets: list[int],
     params: GenerationParams,
     eos_token_ids: list[int],
@@ -344,7 +363,7 @@ def _beam_search(
     device = logits.device
     eos_ids = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     beams = BeamSearch.start(
-        state.batch.key_mask.shape[0],
+        state.batch_size,
         k,
         max(budgets),
         params.length_penalty,
@@ -369,7 +388,7 @@ def _beam_search(
 
 @torch.inference_mode()
 def stream(
-    lm: OPTForCausalLM,
+    lm: LanguageModel,
     prefix_embeds: torch.Tensor,
     prompt_ids: list[list[int]],
     params: GenerationParams,
@@ -384,16 +403,19 @@ def stream(
     """Yield each new token as it is produced, for every row and sample.
 
     ``prefix_embeds`` (B, Q, D) are the projected query embeddings in the model dtype;
-    ``prompt_ids`` one token list per image, each starting with BOS. Beam search only knows
+    ``prompt_ids`` one token list per image, each starting with BOS (OPT) or ending with
+    ``</s>`` (T5). Beam search only knows
     its results at the end: with ``num_beams > 1`` the events of the final sequences are
     yielded after the search, row by row.
 
     With a ``conversation`` and the image's ``image_key``, one image generating one sequence
     (greedy or sampling) reuses the cached slots of an earlier turn its prompt extends, and
-    leaves its own for the next turn (:mod:`blipserve.engine.conversation`).
+    leaves its own for the next turn (:mod:`blipserve.engine.conversation`; OPT only: a T5
+    prompt is encoded whole).
     """
     single = len(prompt_ids) == 1 and params.num_beams == 1 and params.num_return_sequences == 1
-    follows = conversation is not None and image_key is not None and single
+    decoder_only = isinstance(lm, OPTForCausalLM)
+    follows = conversation is not None and image_key is not None and single and decoder_only
     reuse = None
     if follows:
         reuse = conversation.lookup(image_key, prompt_ids[0], prefix_embeds.shape[1])
@@ -423,7 +445,7 @@ def stream(
 
 @torch.inference_mode()
 def generate(
-    lm: OPTForCausalLM,
+    lm: LanguageModel,
     prefix_embeds: torch.Tensor,
     prompt_ids: list[list[int]],
     params: GenerationParams,

@@ -8,7 +8,8 @@ images themselves, then :meth:`Scheduler.submit` :class:`Job`\\s. The engine thr
 2. look up each admitted image's prefix by content hash; run the vision encoder and
    Q-Former once, batched, over the images not cached, and cache them;
 3. add greedy and sampling jobs to the running batch (continuous batching); run beam
-   search jobs whole, on their own (their beams are re-ranked together);
+   search jobs whole, on their own (their beams are re-ranked together), and so every job
+   of a T5 (Flan-T5) model: continuous batching is OPT's only, for now;
 4. one decode step; each new token goes to its job's ``sink``.
 
 Jobs leave when done, cancelled (a client disconnected) or past their deadline. A full
@@ -141,6 +142,8 @@ class Scheduler:
     def check(self, prompt_ids: list[int], params: GenerationParams) -> None:
         """Raise InvalidRequest now if the prompt leaves no room to generate (before
         queueing); a prompt with less room than ``max_new_tokens`` ends with "length"."""
+        if self.model.config.is_encoder_decoder:
+            return  # T5 has no position limit
         q = self.model.config.num_query_tokens
         token_budget(self.model.config.text, q + len(prompt_ids), q, params.max_new_tokens)
 
@@ -213,8 +216,8 @@ class Scheduler:
         joining = []
         for job, prefix in zip(jobs, prefixes, strict=True):
             self.stats.prompt_tokens += len(job.prompt_ids)
-            if job.params.num_beams > 1:
-                self._beam_search(job, prefix)
+            if job.params.num_beams > 1 or self.model.config.is_encoder_decoder:
+                self._run_alone(job, prefix)
                 continue
             job._request = DecodeRequest(prefix, job.prompt_ids, job.params, job.stop)
             joining.append(job)
@@ -236,8 +239,9 @@ class Scheduler:
         self.stats.prefix_cache_misses += cache.misses - misses
         return prefixes
 
-    def _beam_search(self, job: Job, prefix: torch.Tensor) -> None:
-        """Run a beam-search job to its end (its tokens are known only then)."""
+    def _run_alone(self, job: Job, prefix: torch.Tensor) -> None:
+        """Run a job to its end outside the running batch (beam search: its tokens are known
+        only then; any T5 job: its tokens are sent as it ends)."""
         stop = None if job.stop is None else (lambda _row, ids: job.stop(ids))
         (outputs,) = generate(
             self.model.language_model,

@@ -1,10 +1,12 @@
-"""BLIP-2 assembled: vision encoder -> Q-Former -> projection -> OPT decoder.
+"""BLIP-2 assembled: vision encoder -> Q-Former -> projection -> OPT decoder or T5.
 
 The model owns no generation loop; :mod:`blipserve.engine` drives it. What it offers:
 
 - :meth:`Blip2Model.image_prefix` runs the frozen image encoder and the Q-Former once
   per image and returns the 32 prefix embeddings the language model continues from;
-- ``language_model`` is the OPT decoder the engine prefills and steps.
+- ``language_model`` is the OPT decoder the engine prefills and steps, or the T5
+  encoder-decoder (Flan-T5 checkpoints: :mod:`blipserve.model.t5`), picked by
+  ``text_config.model_type``.
 
 A real OPT input sequence for the VQA prompt "Question: what is it? Answer:" looks like
 
@@ -27,20 +29,27 @@ from torch import nn
 from blipserve.errors import UnsupportedModel
 from blipserve.model.opt import OPTConfig, OPTForCausalLM
 from blipserve.model.qformer import QFormer, QFormerConfig
+from blipserve.model.t5 import T5Config, T5ForConditionalGeneration
 from blipserve.model.vision import VisionConfig, VisionTransformer
 
 # Parameters kept in float32 whatever dtype the model is loaded in (the reference's
 # `_keep_in_fp32_modules`). Names are state-dict prefixes.
 FP32_PREFIXES = ("query_tokens", "qformer.")
 
-SUPPORTED_LANGUAGE_MODELS = ("opt",)
+TextConfig = OPTConfig | T5Config
+LanguageModel = OPTForCausalLM | T5ForConditionalGeneration
+# text_config.model_type -> its config and module
+LANGUAGE_MODELS: dict[str, tuple[type[TextConfig], type[LanguageModel]]] = {
+    "opt": (OPTConfig, OPTForCausalLM),
+    "t5": (T5Config, T5ForConditionalGeneration),
+}
 
 
 @dataclass(frozen=True)
 class Blip2Config:
     vision: VisionConfig
     qformer: QFormerConfig
-    text: OPTConfig
+    text: TextConfig
     num_query_tokens: int = 32
     image_token_index: int | None = None
     tie_word_embeddings: bool = True
@@ -55,11 +64,13 @@ class Blip2Config:
             )
         text = dict(d.get("text_config") or {})
         text_type = text.get("model_type", "opt")  # the reference's default language model
-        if text_type not in SUPPORTED_LANGUAGE_MODELS:
+        if text_type not in LANGUAGE_MODELS:
             raise UnsupportedModel(
-                f"BLIP-2 with a {text_type!r} language model is not supported yet; blipserve "
-                "runs the OPT family (Salesforce/blip2-opt-2.7b, -6.7b and their -coco fine-tunes)"
+                f"BLIP-2 with a {text_type!r} language model is not supported; blipserve runs "
+                "the OPT family (Salesforce/blip2-opt-2.7b, -6.7b and their -coco fine-tunes) "
+                "and the Flan-T5 one (Salesforce/blip2-flan-t5-xl, -xl-coco, -xxl)"
             )
+        text_config_class = LANGUAGE_MODELS[text_type][0]
         vision = VisionConfig.from_hf(d.get("vision_config") or {})
         qformer = QFormerConfig.from_hf(
             d.get("qformer_config") or {}, encoder_hidden_size=vision.hidden_size
@@ -67,7 +78,7 @@ class Blip2Config:
         return cls(
             vision=vision,
             qformer=qformer,
-            text=OPTConfig.from_hf(text),
+            text=text_config_class.from_hf(text),
             num_query_tokens=d.get("num_query_tokens", 32),
             image_token_index=d.get("image_token_index", d.get("image_token_id")),
             tie_word_embeddings=text.get("tie_word_embeddings", d.get("tie_word_embeddings", True)),
@@ -86,8 +97,13 @@ class Blip2Config:
             "num_query_tokens": self.num_query_tokens,
             "image_token_index": self.image_token_index,
             "tie_word_embeddings": tie,
-            "use_decoder_only_language_model": True,
+            "use_decoder_only_language_model": not self.is_encoder_decoder,
         }
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """True for a T5 language model (the prompt goes to its encoder)."""
+        return self.text.is_encoder_decoder
 
 
 def keeps_fp32(name: str) -> bool:
@@ -96,7 +112,8 @@ def keeps_fp32(name: str) -> bool:
 
 
 class Blip2Model(nn.Module):
-    """BLIP-2 with an OPT decoder; parameter names match ``Blip2ForConditionalGeneration``."""
+    """BLIP-2 with an OPT decoder or a T5; parameter names match
+    ``Blip2ForConditionalGeneration``."""
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__()
@@ -107,12 +124,13 @@ class Blip2Model(nn.Module):
         )
         self.qformer = QFormer(config.qformer)
         self.language_projection = nn.Linear(config.qformer.hidden_size, config.text.hidden_size)
-        self.language_model = OPTForCausalLM(config.text)
+        language_model_class = LANGUAGE_MODELS[config.text.model_type][1]
+        self.language_model: LanguageModel = language_model_class(config.text)
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the frozen image encoder and language model."""
-        return self.language_model.model.decoder.embed_tokens.weight.dtype
+        return self.language_model.input_embedding.weight.dtype
 
     def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float pixels -> (B, Q, d_lm) prefix embeddings in the model dtype."""
@@ -134,4 +152,4 @@ class Blip2Model(nn.Module):
     def tie_weights(self) -> None:
         """Share the input embedding with the output head (OPT's tied ``lm_head``)."""
         lm = self.language_model
-        lm.lm_head.weight = lm.model.decoder.embed_tokens.weight
+        lm.lm_head.weight = lm.input_embedding.weight

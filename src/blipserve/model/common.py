@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,3 +27,13 @@ def activation(name: str) -> Activation:
             f"activation {name!r} is not supported (supported: {', '.join(sorted(_ACTIVATIONS))})"
         )
     return _ACTIVATIONS[name]
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a key/value cache (see ``blipserve.engine.kv_cache``)."""
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, hd) ``k``/``v`` at ``start``; return all slots up to ``start + T``."""
+        ...

@@ -20,31 +20,24 @@ Hugging Face state dict (``model.decoder.*``, ``lm_head``) so weights load witho
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blipserve.errors import UnsupportedModel
-from blipserve.model.common import activation
+from blipserve.model.common import KVCacheLike, activation
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
-
-
-class KVCacheLike(Protocol):
-    """What attention needs from a key/value cache (see ``blipserve.engine.kv_cache``)."""
-
-    def update(
-        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, hd) ``k``/``v`` at ``start``; return all slots up to ``start + T``."""
-        ...
 
 
 @dataclass(frozen=True)
 class OPTConfig:
     """OPT hyper-parameters; defaults are the reference's ``OPTConfig`` class defaults."""
+
+    model_type: ClassVar[str] = "opt"
+    is_encoder_decoder: ClassVar[bool] = False
 
     vocab_size: int = 50272
     hidden_size: int = 768
@@ -92,7 +85,7 @@ class OPTConfig:
 
     def to_hf(self) -> dict:
         """The ``text_config`` entry of a ``config.json`` (the reference's ``OPTConfig``)."""
-        return {"model_type": "opt", **asdict(self)}
+        return {"model_type": self.model_type, **asdict(self)}
 
     @property
     def head_dim(self) -> int:
@@ -234,11 +227,18 @@ class OPTModel(nn.Module):
 class OPTForCausalLM(nn.Module):
     """OPT decoder with its (tied) output head."""
 
+    input_embedding_key: ClassVar[str] = "model.decoder.embed_tokens.weight"  # state-dict name
+
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def input_embedding(self) -> nn.Embedding:
+        """The token embedding table (what a tied ``lm_head`` shares)."""
+        return self.model.decoder.embed_tokens
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) input embeddings."""

@@ -1,4 +1,4 @@
-"""The BLIP-2 OPT tokenizer: GPT-2 byte-level BPE, run by the ``tokenizers`` library.
+"""The BLIP-2 tokenizers: GPT-2 byte-level BPE (OPT) and Unigram (Flan-T5), run by ``tokenizers``.
 
 It reproduces what transformers 5.x builds for a BLIP-2 OPT checkpoint (``GPT2Tokenizer``,
 used through ``Blip2Processor``), so the model sees exactly the reference token ids:
@@ -21,16 +21,23 @@ used through ``Blip2Processor``), so the model sees exactly the reference token 
 
 The tokenizer's ``eos_token_id`` is ``</s>``; the BLIP-2 OPT model stops at ``"\\n"``
 (id 50118) instead, which comes from the generation config, not from here.
+
+**Flan-T5** checkpoints ship a SentencePiece-Unigram ``tokenizer.json``. transformers 5.x
+(``T5Tokenizer``) keeps only its pieces and scores and the ``Precompiled`` normalizer's
+character map, and builds the rest itself; so do we (:func:`_t5_unigram`): ``WhitespaceSplit``
+then ``Metaspace`` (``▁``, prepended always), the ``Metaspace`` decoder, ``<unk>`` at id 2,
+no BOS and ``</s>`` after every text (``"a photo of"`` -> ``▁a ▁photo ▁of </s>``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
 
 from blipserve.errors import CheckpointError, InvalidRequest
@@ -57,7 +64,7 @@ _TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 
 class Tokenizer:
-    """Text <-> token ids for BLIP-2 OPT checkpoints; see the module docstring."""
+    """Text <-> token ids for BLIP-2 OPT and Flan-T5 checkpoints; see the module docstring."""
 
     def __init__(
         self, backend: RustTokenizer, special_tokens: dict[str, str], image_token: str | None
@@ -86,6 +93,8 @@ class Tokenizer:
                 f"{TOKENIZER_JSON} or {VOCAB_JSON} and {MERGES_TXT}"
             )
         config = _read_json(config_path)
+        if has_json and _model_type(directory / TOKENIZER_JSON) == "Unigram":
+            return cls._from_t5_files(directory, config)
         if has_json:
             source = _read_tokenizer_json(directory / TOKENIZER_JSON)
         else:
@@ -102,6 +111,24 @@ class Tokenizer:
         backend.post_processor = post
         image_token = _mark_image_token(backend, config)
         return cls(backend, roles, image_token)
+
+    @classmethod
+    def _from_t5_files(cls, directory: Path, config: dict[str, Any]) -> Tokenizer:
+        """A Flan-T5 tokenizer, built as transformers' ``T5Tokenizer`` builds it."""
+        path = directory / TOKENIZER_JSON
+        data = _read_json(path)
+        special = _named_special_tokens(config, directory)
+        added = _declared_added_tokens(config, directory, [], special)
+        backend = _t5_unigram(data, path)
+        _add_tokens(backend, added, special, directory)
+        roles = {role: token.content for role, token in special.items()}
+        eos = roles.get("eos_token", "</s>")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}",
+            pair=f"$A {eos} $B {eos}",
+            special_tokens=[(eos, backend.token_to_id(eos))],
+        )
+        return cls(backend, roles, _mark_image_token(backend, config))
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json``, loadable by
@@ -226,6 +253,13 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any]:
     return {"vocab": vocab, "merges": merges, "added_tokens": added, "post_processor": post}
 
 
+def _model_type(path: Path) -> str | None:
+    """The ``model.type`` of a ``tokenizer.json`` ("BPE", "Unigram", ...)."""
+    data = _read_json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    return model.get("type") if isinstance(model, dict) else None
+
+
 def _read_vocab_and_merges(directory: Path) -> dict[str, Any]:
     vocab_path, merges_path = directory / VOCAB_JSON, directory / MERGES_TXT
     try:
@@ -305,6 +339,38 @@ def _byte_level_bpe(vocab: dict[str, int], merges: list, config: dict[str, Any])
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+def _t5_unigram(data: dict[str, Any], path: Path) -> RustTokenizer:
+    """T5's pipeline around the Unigram pieces of a ``tokenizer.json`` (see the module doc)."""
+    try:
+        pieces = [(piece, float(score)) for piece, score in data["model"]["vocab"]]
+        backend = RustTokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    except Exception as err:  # malformed entries; the Rust constructor raises a bare Exception
+        raise CheckpointError(f"cannot parse the Unigram tokenizer in {path}: {err}") from err
+    charsmap = _precompiled_charsmap(data.get("normalizer"))
+    if charsmap is not None:
+        backend.normalizer = normalizers.Precompiled(charsmap)
+    metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    backend.decoder = decoders.Metaspace(**metaspace)
+    return backend
+
+
+def _precompiled_charsmap(normalizer: dict[str, Any] | None) -> bytes | None:
+    """The SentencePiece character map of a ``Precompiled`` normalizer (alone or in a
+    ``Sequence``), decoded from base64; None without one."""
+    if not normalizer:
+        return None
+    parts = (
+        normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    )
+    for part in parts:
+        if part.get("type") == "Precompiled" and "precompiled_charsmap" in part:
+            return base64.b64decode(part["precompiled_charsmap"])
+    return None
 
 
 def _add_tokens(

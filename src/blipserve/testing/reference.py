@@ -45,8 +45,14 @@ PROMPTS = [
 
 
 def reference_generate(model, directory, images, prompts, **gen) -> list[list[list[int]]]:
-    """New token ids per image (``num_return_sequences`` each), as transformers makes them."""
-    tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
+    """New token ids per image (``num_return_sequences`` each), as transformers makes them.
+
+    OPT: left padding, the new tokens follow the prompt. T5: the tokenizer's own (right)
+    padding, and the output is the decoder's: its start token, then the new tokens.
+    """
+    encoder_decoder = model.config.text_config.is_encoder_decoder
+    padding = {} if encoder_decoder else {"padding_side": "left"}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **padding)
     processor = Blip2Processor(
         image_processor=ReferenceImageProcessor.from_pretrained(directory),
         tokenizer=tokenizer,
@@ -56,7 +62,7 @@ def reference_generate(model, directory, images, prompts, **gen) -> list[list[li
     inputs = inputs.to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, **gen)
-    new = out[:, inputs["input_ids"].shape[1] :]
+    new = out[:, 1 if encoder_decoder else inputs["input_ids"].shape[1] :]
     eos = gen.get("eos_token_id", model.config.text_config.eos_token_id)
     pad = model.config.text_config.pad_token_id
     rows = [strip_padding(row.tolist(), eos, pad) for row in new]

@@ -1,4 +1,5 @@
-"""A small byte-level BPE tokenizer laid out like the ``Salesforce/blip2-opt-2.7b`` one.
+"""Small tokenizers laid out like the ``Salesforce/blip2-opt-2.7b`` (byte-level BPE) and
+``Salesforce/blip2-flan-t5-xl`` (SentencePiece Unigram) ones.
 
 The real vocabulary (50,265 GPT-2 byte-level BPE tokens in RoBERTa/OPT id order, plus
 ``<image>``) cannot be downloaded in tests, so :func:`build_test_tokenizer` trains a
@@ -8,12 +9,21 @@ tiny one on generated English and writes the files the Hub checkpoint carries (s
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 from blipserve.train.bpe import IMAGE_TOKEN, SPECIAL_TOKENS, write_bpe_tokenizer
 
-__all__ = ["IMAGE_TOKEN", "SPECIAL_TOKENS", "build_test_tokenizer", "english_corpus"]
+__all__ = [
+    "IMAGE_TOKEN",
+    "SPECIAL_TOKENS",
+    "build_test_t5_tokenizer",
+    "build_test_tokenizer",
+    "english_corpus",
+]
 
 VOCAB_SIZE = 1200
 
@@ -100,3 +110,50 @@ def build_test_tokenizer(
         with_tokenizer_json=with_tokenizer_json,
         legacy_config=legacy_config,
     )
+
+
+# -- a tiny Flan-T5-style tokenizer ---------------------------------------------------------
+
+T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0..2, T5's order
+T5_VOCAB_SIZE = 300
+
+
+def build_test_t5_tokenizer(directory: str | Path) -> Path:
+    """Write a tiny SentencePiece-Unigram tokenizer laid out like the Salesforce Flan-T5
+    repos' (``tokenizer.json`` + ``tokenizer_config.json``): ``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2, the pieces, then ``<image>``; ``</s>`` appended to every text. No sentinel
+    (``<extra_id_*>``) tokens and no normalizer, so transformers' ``T5Tokenizer`` rebuilds
+    it exactly from these two files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    backend.decoder = decoders.Metaspace(**metaspace)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=T5_VOCAB_SIZE, special_tokens=T5_SPECIAL_TOKENS, unk_token="<unk>"
+    )
+    backend.train_from_iterator(english_corpus(), trainer)
+    assert [backend.token_to_id(t) for t in T5_SPECIAL_TOKENS] == [0, 1, 2]
+    backend.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    backend.save(str(directory / "tokenizer.json"))
+    added = {
+        str(backend.token_to_id(content)): AddedToken(content, normalized=False, special=True)
+        for content in (*T5_SPECIAL_TOKENS, IMAGE_TOKEN)
+    }
+    config = {
+        "added_tokens_decoder": {i: token.__getstate__() for i, token in added.items()},
+        "eos_token": "</s>",
+        "extra_ids": 0,
+        "model_max_length": 512,
+        "pad_token": "<pad>",
+        "tokenizer_class": "T5Tokenizer",
+        "unk_token": "<unk>",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
