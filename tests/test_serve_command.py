@@ -5,56 +5,20 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from tests.examples import EXAMPLES, example_captions
-from tests.live_server import free_port
-
-
-def start(env: dict[str, str], *flags: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "blipserve", "serve", *flags],
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become ready")
+from tests.live_server import free_port, serve_process, start_serve
 
 
 @pytest.fixture(scope="module")
 def served():
-    port = free_port()
-    process = start({"BLIPSERVE_API_KEY": "secret", "BLIPSERVE_PORT": str(port)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
+    with serve_process({"BLIPSERVE_API_KEY": "secret"}) as (url, process):
         yield url, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_demo_model_served_with_key_from_the_environment(served):
@@ -80,6 +44,7 @@ def test_sigterm_exits_cleanly_with_a_json_access_log(served):
     log = process.stderr.read()
     assert "Application shutdown complete" in log and "Traceback" not in log
     assert re.search(r"loaded model demo \((float32|bfloat16), cpu\) in \d+\.\d s", log), log
+    assert f"web page: {url}/ui/" in log  # where to point a browser
     records = [
         json.loads(line[line.index("{") :])
         for line in log.splitlines()
@@ -102,14 +67,14 @@ def test_sigterm_exits_cleanly_with_a_json_access_log(served):
     ],
 )
 def test_bad_settings_end_with_one_clear_line(env, flags, message):
-    process = start(env, *flags)
+    process = start_serve(env, *flags)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
     assert message in stderr and "Traceback" not in stderr
 
 
 def test_a_model_that_does_not_load_ends_the_process_with_the_reason():
-    process = start({}, "--model", "no-such-model", "--port", str(free_port()))
+    process = start_serve({}, "--model", "no-such-model", "--port", str(free_port()))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
     last = stderr.strip().splitlines()[-1]

@@ -206,6 +206,23 @@ def test_streaming_gives_the_same_text_and_usage(client, urls):
         assert usage.choices == [] and usage.usage == whole.usage
 
 
+def test_beam_search_is_an_extension_as_vllms_extra_parameters(client, pipe, photos, urls):
+    """``num_beams`` (sent with ``extra_body``) gives the pipeline's beam-search answer,
+    streamed or not; with sampling it is a 400."""
+    history = [{"role": "user", "content": QUESTION}]
+    want = pipe.chat(photos["coffee"], history, max_new_tokens=8, num_beams=3)
+    assert want != pipe.chat(photos["coffee"], history, max_new_tokens=8), "pick another photo"
+    kwargs = {"model": "tiny", "messages": ask(urls["coffee"]), "max_tokens": 8}
+    reply = client.chat.completions.create(**kwargs, extra_body={"num_beams": 3})
+    assert reply.choices[0].message.content == want
+    chunks = client.chat.completions.create(**kwargs, stream=True, extra_body={"num_beams": 3})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kwargs, temperature=0.7, extra_body={"num_beams": 3})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kwargs, extra_body={"num_beams": 17})
+
+
 def test_sse_framing(served, urls):
     body = {"model": "tiny", "messages": ask(urls["coffee"]), "max_tokens": 5, "stream": True}
     with httpx.stream("POST", served[0] + "/v1/chat/completions", json=body, timeout=60) as r:

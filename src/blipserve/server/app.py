@@ -6,7 +6,8 @@ The app owns start-up and shutdown, ``/``, ``/ping``, ``/health``, ``/version`` 
 (:mod:`~blipserve.server.azure`, :mod:`~blipserve.server.mlflow`,
 :mod:`~blipserve.server.openai`), which take what they share from
 :mod:`~blipserve.server.deps` and :mod:`~blipserve.server.schemas`; ``/docs`` (Swagger UI
-from the package, no CDN) comes from :mod:`~blipserve.server.docs`.
+from the package, no CDN) comes from :mod:`~blipserve.server.docs`, and the web page
+``/ui/`` (a browser asking ``/`` for HTML is sent there) from :mod:`~blipserve.server.ui`.
 
 The model loads on a worker thread when the app starts; until it is ready the health
 routes answer 503 and the model routes 503 too. Shutdown (SIGTERM/SIGINT through
@@ -24,14 +25,14 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from blipserve import __version__
 from blipserve.api import Pipeline, load
 from blipserve.engine.scheduler import Scheduler
 from blipserve.processing.fetch import UrlPolicy
-from blipserve.server import azure, docs, errors, mlflow, openai
+from blipserve.server import azure, docs, errors, mlflow, openai, ui
 from blipserve.server.deps import AppState
 from blipserve.server.metrics import Metrics
 from blipserve.server.middleware import AccessLog, BodyLimit
@@ -120,6 +121,8 @@ def create_app(
     )
     errors.install(app)
     docs.install(app)
+    if not settings.no_ui:
+        ui.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog, metrics=state.metrics)
     _health_routes(app, state)
@@ -158,7 +161,12 @@ def _health_routes(app: FastAPI, state: AppState) -> None:
             return PlainTextResponse("loading", status_code=503, headers={"Retry-After": "5"})
         return PlainTextResponse("Healthy")
 
-    app.get("/", response_class=PlainTextResponse, summary="Azure ML liveness: 'Healthy'")(ready)
+    @app.get("/", response_class=PlainTextResponse, summary="Azure ML liveness: 'Healthy'")
+    def root(request: Request) -> Response:
+        if not state.settings.no_ui and ui.wants_page(request):
+            return ui.to_page(request)  # a browser: the web page; probes get the answer below
+        return ready()
+
     app.get("/ping", response_class=PlainTextResponse, summary="MLflow health")(ready)
     app.get("/health", response_class=PlainTextResponse, summary="200 once loaded")(ready)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 
 from blipserve.errors import BlipserveError, InvalidRequest
 from blipserve.server.settings import add_arguments, settings_from
@@ -28,6 +29,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from blipserve.server.app import create_app, settings_summary
+    from blipserve.server.ui import page_address
 
     try:
         settings = settings_from(args)
@@ -47,15 +49,24 @@ def run_serve(args: argparse.Namespace) -> int:
         failure.append(reason)
         server.should_exit = True
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and not settings.no_ui:  # the port is known now, even for --port 0
+                port = self.servers[0].sockets[0].getsockname()[1]
+                proxied = settings.root_path and f" (through the proxy: {settings.root_path}/ui/)"
+                log.info("web page: %s%s", page_address(settings.host, port), proxied or "")
+
     config = uvicorn.Config(
         create_app(settings, on_load_error=stop),
         host=settings.host,
         port=settings.port,
+        root_path=settings.root_path,
         log_level=settings.log_level,
         access_log=False,  # blipserve.access logs one JSON line per request instead
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     if failure:
         raise BlipserveError(f"model {settings.model!r} did not load: {failure[0]}")

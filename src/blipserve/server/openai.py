@@ -24,6 +24,10 @@ How an OpenAI request maps onto BLIP-2:
   other temperature or ``top_p`` samples. ``n > 1`` samples (at temperature 1 unless set),
   since greedy decoding has only one answer; ``n > 1`` with ``temperature: 0`` is a 400.
   ``seed`` makes sampling repeatable. ``max_completion_tokens`` wins over ``max_tokens``.
+- **Beam search** is an extension, as vLLM's extra parameters are (the ``openai`` client
+  sends it with ``extra_body={"num_beams": 3}``): ``num_beams > 1`` searches that many
+  beams, without sampling. A streamed beam-search answer arrives in one burst at its end,
+  since the best beam is known only then.
 - **Context length** (vLLM's rules): the model has ``max_position_embeddings`` positions
   for the image queries, the prompt and the answer. A conversation too long for them (with
   room for the answer) keeps its newest turns, the last user message always; an explicit
@@ -68,7 +72,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blipserve.api import Pipeline
 from blipserve.engine.generate import FinishReason
-from blipserve.engine.params import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES, MAX_STOP_STRINGS
+from blipserve.engine.params import (
+    MAX_BEAMS,
+    MAX_NEW_TOKENS,
+    MAX_RETURN_SEQUENCES,
+    MAX_STOP_STRINGS,
+)
 from blipserve.errors import InvalidImage, InvalidRequest
 from blipserve.outputs import Generation
 from blipserve.processing.prompts import IGNORED_ROLES
@@ -139,6 +148,9 @@ class ChatRequest(BaseModel):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
+    num_beams: int | None = Field(
+        None, ge=1, le=MAX_BEAMS, description="blipserve's extension: beam search width"
+    )
     # Accepted only at their neutral values (checked in _refuse_unsupported).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -372,6 +384,7 @@ def _options(body: ChatRequest) -> dict[str, Any]:
         "num_return_sequences": body.n,
         "seed": body.seed,
         "stop": body.stop,
+        "num_beams": body.num_beams,
     }
 
 

@@ -35,6 +35,8 @@ class ServerSettings:
     prefix_cache_size: int = 256  # image prefixes kept (LRU)
     allow_private_urls: bool = False  # fetch from loopback / private / link-local addresses
     allowed_hosts: tuple[str, ...] = field(default=())  # hosts or CIDRs allowed although private
+    no_ui: bool = False  # True: no web page at /ui/ (GET / then answers browsers as probes)
+    root_path: str = ""  # path prefix a reverse proxy serves this under, e.g. "/blip2"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -58,6 +60,11 @@ class ServerSettings:
         if self.quantize not in (None, *QUANTIZATIONS):
             raise ValueError(
                 f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}"
+            )
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ValueError(
+                f"--root-path must start with '/' and not end with one (e.g. /blip2), "
+                f"got {self.root_path!r}"
             )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(
@@ -87,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "prefix_cache_size": "image prefixes cached (same image bytes skip the encoder)",
         "allow_private_urls": "fetch image URLs on private, loopback and link-local addresses",
         "allowed_hosts": "comma-separated hosts or CIDRs to fetch from although private",
+        "no_ui": "do not serve the web page (/ui/) to try the model in a browser",
+        "root_path": "path prefix when served behind a reverse proxy that strips it (e.g. /blip2)",
     }
     for f in fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
