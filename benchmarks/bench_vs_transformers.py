@@ -14,6 +14,9 @@ It also checks both produced the same token ids. Usage:
     python benchmarks/full_size.py --out /tmp/blip2-full --dtype bfloat16
     python benchmarks/bench_vs_transformers.py --checkpoint /tmp/blip2-full \
         --device cuda --dtype bfloat16
+
+A Flan-T5 checkpoint (``full_size.py --family t5``) runs the same way: the language model
+is read from the checkpoint.
 """
 
 from __future__ import annotations
@@ -94,15 +97,19 @@ class Transformers:
         self.processor = reference_image_processor(checkpoint)
         config = self.model.config
         self.queries = [config.image_token_index] * config.num_query_tokens
-        self.bos = config.text_config.bos_token_id
+        text = config.text_config
+        self.encoder_decoder = text.is_encoder_decoder
+        # the empty prompt's ids: BOS (OPT), or "</s>" alone (T5's tokenizer appends it)
+        self.empty_prompt = [text.eos_token_id if self.encoder_decoder else text.bos_token_id]
 
     def run(self, images: list, max_new_tokens: int) -> list[list[int]]:
-        """Captions: the reference's empty prompt (BOS only)."""
-        return self.generate(images, [self.bos], max_new_tokens)
+        """Captions: the reference's empty prompt."""
+        return self.generate(images, self.empty_prompt, max_new_tokens)
 
     @torch.inference_mode()
     def generate(self, images: list, prompt_ids: list[int], max_new_tokens: int) -> list:
-        """New token ids per image for one prompt (``prompt_ids`` start with BOS)."""
+        """New token ids per image for one prompt (``prompt_ids`` start with BOS for OPT,
+        end with ``</s>`` for T5)."""
         pixels = self.processor(images, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, self.model.dtype)
         input_ids = torch.tensor([self.queries + prompt_ids] * len(images), device=self.device)
@@ -113,8 +120,10 @@ class Transformers:
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )
-        # transformers returns the prompt ids too when it was given them (5.x does)
-        new = out[:, input_ids.shape[1] :] if out.shape[1] > input_ids.shape[1] else out
+        if self.encoder_decoder:
+            new = out[:, 1:]  # T5's output: the decoder's start token, then the new tokens
+        else:  # transformers returns the prompt ids too when it was given them (5.x does)
+            new = out[:, input_ids.shape[1] :] if out.shape[1] > input_ids.shape[1] else out
         eos = self.model.generation_config.eos_token_id
         return [trim_after_eos(row.tolist(), eos) for row in new]
 

@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_speed.py                     # builds the checkpoint if missing
     python benchmarks/cpu_speed.py --profile           # also: where blipserve's time goes
+    python benchmarks/cpu_speed.py --family t5         # blip2-flan-t5-xl's shapes instead
 
 Each variant runs in its own process, one after the other: load time, single-caption
 latency (median), a batch of 8 (seconds per image), a chat follow-up about the same image
@@ -27,10 +28,13 @@ from PIL import ImageOps
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_vs_transformers import Transformers as TransformersBaseline
 from bench_vs_transformers import peak_rss_mb, run_in_children
-from full_size import build
+from full_size import add_family_flags, build
 from photos import photo_batch
 
-DEFAULT_CHECKPOINT = Path("/tmp/blip2-opt-2.7b-random-fp32")
+DEFAULT_CHECKPOINTS = {
+    "opt": Path("/tmp/blip2-opt-2.7b-random-fp32"),
+    "t5": Path("/tmp/blip2-flan-t5-xl-random-fp32"),
+}
 VARIANTS = ("transformers", "blipserve", "blipserve-int8")
 
 
@@ -234,7 +238,9 @@ def report(capability: dict, results: dict[str, dict], args: argparse.Namespace)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument(
+        "--checkpoint", type=Path, help="default: /tmp/blip2-{opt-2.7b,flan-t5-xl}-random-fp32"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -242,13 +248,17 @@ def main() -> None:
     parser.add_argument("--profile", nargs="?", const="default", choices=["default", "int8"])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    add_family_flags(parser)
     args = parser.parse_args()
+    args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS[args.family]
+    if args.profile and args.family != "opt":
+        parser.error("--profile times OPT's prefill and decode steps; drop it for --family t5")
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
     capability = cpu_capability()
     print(json.dumps(capability), file=sys.stderr)
-    build(args.checkpoint, torch.float32)
+    build(args.checkpoint, torch.float32, family=args.family, tiny=args.tiny)
     results = run_in_children(__file__, args.variants.split(","))
     text = report(capability, results, args)
     print(text)

@@ -1,11 +1,14 @@
-"""Full-size parity: blipserve vs transformers on a blip2-opt-2.7b-sized random checkpoint.
+"""Full-size parity: blipserve vs transformers on a blip2-opt-2.7b-sized random checkpoint,
+or a blip2-flan-t5-xl-sized one (``--family t5``).
 
 Builds (or reuses) the checkpoint from :mod:`full_size`, then in two child processes (so
 only one 15 GB fp32 model is in memory at a time) runs the reference and blipserve on
-real photos with two prompts of different lengths in one left-padded batch, and compares
-the first-step logits and ``--max-new-tokens`` greedy tokens.
+real photos with two prompts of different lengths in one padded batch (left-padded for
+OPT, right-padded for T5, as each reference pads), and compares the first-step logits and
+``--max-new-tokens`` greedy tokens. ``--tiny`` runs the same on a tiny model of the family.
 
     python benchmarks/full_size_parity.py --checkpoint /tmp/blip2-opt-2.7b-random
+    python benchmarks/full_size_parity.py --checkpoint /tmp/blip2-flan-t5-xl-random --family t5
 """
 
 from __future__ import annotations
@@ -20,19 +23,43 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from full_size import IMAGE_TOKEN_ID, build
+from full_size import add_family_flags, build
 from photos import reference_image_processor, sample_photos
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "china"]
 CAPTION_IDS = [2]  # BOS only: plain captioning
 VQA_IDS = [2, 45641, 35, 61, 343, 16, 42, 116, 31652, 35]  # "Question: which city is this? Answer:"
-PROMPTS = [CAPTION_IDS, VQA_IDS, CAPTION_IDS, VQA_IDS]
-PAD_ID = 1
+# Flan-T5: the empty prompt is "</s>" alone; a question is its pieces, then "</s>" (the ids
+# of the synthetic tokenizer: arbitrary pieces, the real special ids).
+T5_CAPTION_IDS = [1]
+T5_VQA_IDS = [3, 4061, 35, 611, 343, 16, 42, 116, 3165, 1]
+PROMPTS = {
+    "opt": [CAPTION_IDS, VQA_IDS, CAPTION_IDS, VQA_IDS],
+    "t5": [T5_CAPTION_IDS, T5_VQA_IDS, T5_CAPTION_IDS, T5_VQA_IDS],
+}
+
+
+def family_of(checkpoint: Path) -> str:
+    """``opt`` or ``t5``: the checkpoint's language model."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    return config["text_config"]["model_type"]
 
 
 def images() -> list:
     photos = sample_photos()
     return [photos[name] for name in PHOTOS]
+
+
+def reference_rows(prompts: list[list[int]], queries: int, image_id: int, pad_id: int, left: bool):
+    """The reference's ``input_ids`` and ``attention_mask``: ``<image>`` x Q, then the prompt,
+    padded on the left (OPT) or the right (T5)."""
+    longest = max(len(p) for p in prompts)
+    rows, masks = [], []
+    for p in prompts:
+        pad, real = [pad_id] * (longest - len(p)), [image_id] * queries + p
+        rows.append(pad + real if left else real + pad)
+        masks.append([0] * len(pad) + [1] * len(real) if left else [1] * len(real) + [0] * len(pad))
+    return torch.tensor(rows), torch.tensor(masks)
 
 
 def run_reference(checkpoint: Path, device: str, dtype: torch.dtype, max_new: int) -> dict:
@@ -41,28 +68,38 @@ def run_reference(checkpoint: Path, device: str, dtype: torch.dtype, max_new: in
     model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     processor = reference_image_processor(checkpoint)
     pixels = processor(images(), return_tensors="pt")["pixel_values"].to(device, dtype)
-    queries = model.config.num_query_tokens
-    longest = max(len(p) for p in PROMPTS)
-    rows = [[PAD_ID] * (longest - len(p)) + [IMAGE_TOKEN_ID] * queries + p for p in PROMPTS]
-    input_ids = torch.tensor(rows, device=device)
-    mask = torch.tensor(
-        [[0] * (longest - len(p)) + [1] * (queries + len(p)) for p in PROMPTS], device=device
+    config, family = model.config, family_of(checkpoint)
+    prompts, t5 = PROMPTS[family], family == "t5"
+    input_ids, mask = reference_rows(
+        prompts,
+        config.num_query_tokens,
+        config.image_token_index,
+        config.text_config.pad_token_id,
+        left=not t5,
     )
+    inputs = {
+        "pixel_values": pixels,
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+    }
+    first = {}
+    if t5:  # the decoder's first step: its start token
+        start = config.text_config.decoder_start_token_id
+        first["decoder_input_ids"] = torch.full((len(prompts), 1), start, device=device)
     with torch.no_grad():
-        logits = model(pixel_values=pixels, input_ids=input_ids, attention_mask=mask).logits[:, -1]
+        logits = model(**inputs, **first).logits[:, -1]
         out = model.generate(
-            pixel_values=pixels,
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new,
-            min_new_tokens=max_new,
-            do_sample=False,
+            **inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False
         )
-    new = out[:, input_ids.shape[1] :] if out.shape[1] > input_ids.shape[1] else out
+    if t5:
+        new = out[:, 1:]  # after the decoder's start token
+    else:
+        new = out[:, input_ids.shape[1] :] if out.shape[1] > input_ids.shape[1] else out
     return {"logits": logits.float().cpu(), "tokens": new.cpu().tolist()}
 
 
 def run_blipserve(checkpoint: Path, device: str, dtype: torch.dtype, max_new: int) -> dict:
+    from blipserve.engine.encoder_decoder import EncoderDecoderState, build_encoder_batch
     from blipserve.engine.generate import (
         DecodeState,
         GenerationParams,
@@ -76,22 +113,23 @@ def run_blipserve(checkpoint: Path, device: str, dtype: torch.dtype, max_new: in
     config = Blip2Config.from_hf(json.loads((checkpoint / "config.json").read_text()))
     model = load_model(checkpoint, config, device=device, dtype=dtype)
     pixels = ImageProcessor.from_pretrained(checkpoint)(images()).to(device)
+    prompts = PROMPTS[family_of(checkpoint)]
+    tokens = {
+        "pad_token_id": config.text.pad_token_id,
+        "image_token_id": config.image_token_index,
+    }
     with torch.inference_mode():
         prefix = model.image_prefix(pixels)
         lm = model.language_model
-        batch = build_prompt_batch(
-            lm, prefix, PROMPTS, pad_token_id=PAD_ID, image_token_id=IMAGE_TOKEN_ID
-        )
-        logits = DecodeState(lm, batch, 1, track_seen=False).prefill()
+        if config.is_encoder_decoder:
+            batch = build_encoder_batch(lm, prefix, prompts, pad_token_id=tokens["pad_token_id"])
+            state = EncoderDecoderState(lm, batch, 1, track_seen=False)
+        else:
+            state = DecodeState(lm, build_prompt_batch(lm, prefix, prompts, **tokens), 1, False)
+        logits = state.prefill()
         params = GenerationParams(max_new_tokens=max_new, min_new_tokens=max_new)
         out = generate(
-            lm,
-            prefix,
-            PROMPTS,
-            params,
-            eos_token_ids=[config.text.eos_token_id],
-            pad_token_id=PAD_ID,
-            image_token_id=IMAGE_TOKEN_ID,
+            lm, prefix, prompts, params, eos_token_ids=[config.text.eos_token_id], **tokens
         )
     return {"logits": logits.float().cpu(), "tokens": [row[0].token_ids for row in out]}
 
@@ -112,13 +150,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--child", choices=["reference", "blipserve"], help=argparse.SUPPRESS)
+    add_family_flags(parser)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
         child(args)
         return
 
-    build(args.checkpoint, getattr(torch, args.dtype))
+    build(args.checkpoint, getattr(torch, args.dtype), family=args.family, tiny=args.tiny)
     for side in ("reference", "blipserve"):
         subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", side], check=True)
     ref = torch.load(args.workdir / "reference.pt")

@@ -16,6 +16,17 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny training steps: these matrices gain nothing
+    from more, and on a busy machine the threads' synchronisation makes a step many times
+    slower. Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Image.Image]:
     """Real photos shipped inside scikit-image and scikit-learn."""

@@ -196,8 +196,8 @@ def test_embedding_copies_are_skipped_with_a_reason(root, reference):
 
 
 def test_server_scheduler_runs_t5_jobs_outside_the_continuous_batch(t5_pipe, images):
-    """The server's scheduler runs every T5 job whole (continuous batching is OPT's only):
-    same tokens as the pipeline, greedy and sampled."""
+    """The server's scheduler runs T5 jobs outside the continuous batch (OPT's only), each
+    token sent as it is made: same tokens as the pipeline, greedy and sampled."""
     scheduler = Scheduler(t5_pipe.model, **t5_pipe.defaults.engine_tokens())
     scheduler.start()
     pixels = t5_pipe.preprocess(images[:2])

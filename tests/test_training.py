@@ -65,15 +65,7 @@ RUN = TrainConfig(
     max_steps=20, batch_size=4, lr=5e-3, warmup_steps=3, save_every=10, log_every=5, progress=False
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny matrices gain nothing from intra-op threads, and on a busy machine the
-    threads' synchronisation makes a training step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_cpu(directory) -> blipserve.Pipeline:
@@ -544,7 +536,7 @@ def test_train_starts_from_the_demo_model_by_default(tmp_path):
 
 
 def test_train_command_reads_synthetic_scenes_and_tables(tmp_path):
-    """``--synthetic N`` adds N generated scenes (a caption and two questions each)."""
+    """``--synthetic N`` adds N generated scenes (a caption and three questions each)."""
     import argparse
 
     from blipserve.train.main import training_examples
@@ -553,7 +545,7 @@ def test_train_command_reads_synthetic_scenes_and_tables(tmp_path):
     (tmp_path / "data.csv").write_text("image,caption\nred.png,a red square\n")
     args = argparse.Namespace(data=str(tmp_path / "data.csv"), synthetic=4, synthetic_seed=3)
     examples = training_examples(args)
-    assert len(examples) == 1 + 4 * 3
+    assert len(examples) == 1 + 4 * 4
     assert examples[0].caption == "a red square"
     prompts = [e.prompt for e in examples[1:]]
     assert prompts.count("") == 4 and all(p.startswith("Question: ") for p in prompts if p)

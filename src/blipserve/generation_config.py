@@ -28,6 +28,7 @@ class CheckpointDefaults:
     pad_token_id: int
     image_token_id: int | None
     params: dict[str, Any] = field(default_factory=dict)
+    decoder_start_token_id: int | None = None  # encoder-decoder (T5) checkpoints only
 
     @classmethod
     def read(cls, directory: Path, config: Blip2Config) -> CheckpointDefaults:
@@ -42,15 +43,20 @@ class CheckpointDefaults:
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
         pad = gen.get("pad_token_id", config.text.pad_token_id)
         params = {k: gen[k] for k in GenerationParams.checkpoint_keys() if k in gen}
-        return cls(eos_ids, pad, config.image_token_index, params)
+        start = None
+        if config.is_encoder_decoder:
+            start = gen.get("decoder_start_token_id", config.text.decoder_start_token_id)
+        return cls(eos_ids, pad, config.image_token_index, params, start)
 
     def to_dict(self, bos_token_id: int | None) -> dict[str, Any]:
         """The ``generation_config.json`` content these defaults were read from."""
         eos = list(self.eos_token_ids)
+        start = self.decoder_start_token_id
         return {
             "bos_token_id": bos_token_id,
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": self.pad_token_id,
+            **({} if start is None else {"decoder_start_token_id": start}),
             **self.params,
         }
 

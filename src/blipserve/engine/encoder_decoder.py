@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from blipserve.engine.kv_cache import KVCache
+from blipserve.engine.rows import check_prompt_rows
 from blipserve.engine.sampling import mark_seen, seen_token_mask
-from blipserve.errors import InvalidRequest
 from blipserve.model.t5 import T5ForConditionalGeneration
 
 
@@ -57,11 +57,7 @@ def build_encoder_batch(
     pad_token_id: int,
 ) -> EncoderBatch:
     """(B, Q, d) prefix + B prompts (each ending with ``</s>``) -> right-padded encoder rows."""
-    if len(prompt_ids) != prefix_embeds.shape[0] or any(len(ids) == 0 for ids in prompt_ids):
-        raise InvalidRequest(
-            f"need one non-empty prompt (ending with </s>) per image: got {len(prompt_ids)} "
-            f"prompts for {prefix_embeds.shape[0]} images"
-        )
+    check_prompt_rows(prompt_ids, prefix_embeds.shape[0], "ending with </s>")
     device = prefix_embeds.device
     q = prefix_embeds.shape[1]
     longest = max(len(ids) for ids in prompt_ids)

@@ -42,6 +42,7 @@ from blipserve.engine.conversation import ConversationCache, ReusedSlots
 from blipserve.engine.encoder_decoder import EncoderDecoderState, build_encoder_batch
 from blipserve.engine.kv_cache import KVCache
 from blipserve.engine.params import GenerationParams
+from blipserve.engine.rows import check_prompt_rows
 from blipserve.engine.sampling import (
     apply_repetition_penalty,
     apply_temperature,
@@ -108,11 +109,7 @@ def build_prompt_batch(
     image_token_id: int | None,
 ) -> PromptBatch:
     """(B, Q, D) prefix + B prompts (each starting with BOS) -> left-padded prefill rows."""
-    if len(prompt_ids) != prefix_embeds.shape[0] or any(len(ids) == 0 for ids in prompt_ids):
-        raise InvalidRequest(
-            f"need one non-empty prompt (starting with BOS) per image: got {len(prompt_ids)} "
-            f"prompts for {prefix_embeds.shape[0]} images"
-        )
+    check_prompt_rows(prompt_ids, prefix_embeds.shape[0], "starting with BOS")
     device = prefix_embeds.device
     q = prefix_embeds.shape[1]
     longest = max(len(ids) for ids in prompt_ids)

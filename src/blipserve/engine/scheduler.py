@@ -9,7 +9,8 @@ images themselves, then :meth:`Scheduler.submit` :class:`Job`\\s. The engine thr
    Q-Former once, batched, over the images not cached, and cache them;
 3. add greedy and sampling jobs to the running batch (continuous batching); run beam
    search jobs whole, on their own (their beams are re-ranked together), and so every job
-   of a T5 (Flan-T5) model: continuous batching is OPT's only, for now;
+   of a T5 (Flan-T5) model, whose tokens go to its ``sink`` as they are made (continuous
+   batching is OPT's only, for now);
 4. one decode step; each new token goes to its job's ``sink``.
 
 Jobs leave when done, cancelled (a client disconnected) or past their deadline. A full
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blipserve.engine.continuous import ContinuousBatch, DecodeRequest
-from blipserve.engine.generate import FinishReason, generate, token_budget
+from blipserve.engine.generate import FinishReason, stream, token_budget
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.prefix_cache import PrefixCache
 from blipserve.errors import BlipserveError
@@ -240,10 +241,11 @@ class Scheduler:
         return prefixes
 
     def _run_alone(self, job: Job, prefix: torch.Tensor) -> None:
-        """Run a job to its end outside the running batch (beam search: its tokens are known
-        only then; any T5 job: its tokens are sent as it ends)."""
+        """Run a job outside the running batch, sending each token as it is made (beam
+        search knows its tokens only at the end). A job cancelled or past its deadline
+        stops at its next token."""
         stop = None if job.stop is None else (lambda _row, ids: job.stop(ids))
-        (outputs,) = generate(
+        events = stream(
             self.model.language_model,
             prefix[None],
             [job.prompt_ids],
@@ -251,12 +253,14 @@ class Scheduler:
             **self.options,
             stop_checker=stop,
         )
-        self._first_token(job)
-        for sample, output in enumerate(outputs):
-            for i, token in enumerate(output.token_ids):
-                last = i == len(output.token_ids) - 1
-                job.sink(TokenOut(sample, token, output.finish_reason if last else None))
-            self.stats.generated_tokens += len(output.token_ids)
+        for event in events:
+            if job.first_token_at is None:
+                self._first_token(job)
+            job.sink(TokenOut(event.sample, event.token_id, event.finish_reason))
+            self.stats.generated_tokens += 1
+            if job.cancelled or time.monotonic() > job.deadline:
+                events.close()  # the caller is gone or has answered 408
+                return
 
     def _step(self) -> None:
         now = time.monotonic()

@@ -142,13 +142,22 @@ class Tokenizer:
         }
         config: dict[str, Any] = {
             **self._special_tokens,
-            "add_prefix_space": self._backend.pre_tokenizer.add_prefix_space,
+            **self._class_config(),
             "added_tokens_decoder": added,
             "clean_up_tokenization_spaces": False,
-            "errors": "replace",
-            "tokenizer_class": "GPT2Tokenizer",
         }
         _write_json(directory / TOKENIZER_CONFIG, dict(sorted(config.items())))
+
+    def _class_config(self) -> dict[str, Any]:
+        """The ``tokenizer_config.json`` entries of transformers' class for this tokenizer:
+        ``T5Tokenizer`` (its sentinels, if any, are among the added tokens) or ``GPT2Tokenizer``."""
+        if isinstance(self._backend.model, models.Unigram):
+            return {"tokenizer_class": "T5Tokenizer", "extra_ids": 0}
+        return {
+            "tokenizer_class": "GPT2Tokenizer",
+            "add_prefix_space": self._backend.pre_tokenizer.add_prefix_space,
+            "errors": "replace",
+        }
 
     # -- ids ------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@
     tokenizer.json, tokenizer_config.json
     preprocessor_config.json    the image processor's settings
     processor_config.json       num_query_tokens
-    generation_config.json      as given (bos 2, eos "\\n", pad 1 for the Salesforce models)
+    generation_config.json      as given (bos 2, eos "\\n", pad 1 for the Salesforce OPT models;
+                                eos 1, pad 0, decoder start 0 for Flan-T5)
 
-:func:`assemble` joins a pre-trained image encoder and language model with a freshly
+:func:`assemble` joins a pre-trained image encoder and language model (OPT or T5) with a freshly
 initialised Q-Former, query tokens and projection: the starting point of stage-2 training.
 """
 
@@ -27,8 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from blipserve.errors import InvalidRequest
-from blipserve.model.blip2 import Blip2Config, Blip2Model, keeps_fp32
-from blipserve.model.opt import OPTForCausalLM
+from blipserve.model.blip2 import Blip2Config, Blip2Model, LanguageModel, keeps_fp32
 from blipserve.model.qformer import QFormer, QFormerConfig
 from blipserve.model.retrieval import Blip2Retrieval, Blip2RetrievalConfig
 from blipserve.model.vision import VisionTransformer
@@ -118,7 +118,7 @@ QUERY_PATH_FIELDS = (
 
 def assemble(
     vision: VisionTransformer,
-    language_model: OPTForCausalLM,
+    language_model: LanguageModel,
     qformer_config: QFormerConfig,
     num_query_tokens: int = 32,
     image_token_index: int | None = None,

@@ -25,6 +25,18 @@ in a space (``"Answer: "``) tokenized as generation sees it. BOS is never a targ
 without a prompt leaves it unmasked: the last query then learns to predict BOS, which
 generation never asks for). The query positions in front of the text get ``-100`` in the
 loss (:func:`blipserve.train.stage2.stage2_loss`).
+
+**Encoder-decoder (Flan-T5) targets.** The prompt goes to the encoder and the decoder
+writes the answer from its start token, so the two are tokenized apart and not aligned
+(:func:`encode_encoder_decoder_example`), as LAVIS ``blip2_t5`` and transformers (given
+``labels``) have them:
+
+    prompt "a photo of", caption "a cat on a mat"
+    input ids:  ▁a ▁photo ▁of </s>                    (the encoder's, after the queries)
+    labels:     ▁a ▁cat ▁on ▁a ▁mat </s>              (the decoder's targets, eos last)
+
+The target is the stripped caption alone: the decoder's output is not a continuation of
+the prompt's text.
 """
 
 from __future__ import annotations
@@ -182,6 +194,17 @@ def encode_example(
     return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
 
 
+def encode_encoder_decoder_example(
+    tokenizer: Tokenizer, prompt: str, caption: str, eos_token_id: int
+) -> tuple[list[int], list[int]]:
+    """(encoder ids, decoder labels): ``prompt </s>`` as generation feeds the encoder, and
+    the stripped caption's ids with ``eos_token_id`` last (see the module docstring)."""
+    target_ids = tokenizer.encode(caption.strip())
+    eos = tokenizer.eos_token_id
+    assert eos is not None and target_ids[-1:] == [eos], "the T5 tokenizer ends texts with </s>"
+    return tokenizer.encode(prompt), [*target_ids[:-1], eos_token_id]
+
+
 def _without_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
     bos = tokenizer.bos_token_id
     assert bos is not None and ids[:1] == [bos], "the BLIP-2 OPT tokenizer puts BOS first"
@@ -194,18 +217,20 @@ def _without_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
 @dataclass(frozen=True)
 class EncodedExample:
     pixel_values: torch.Tensor  # (3, H, W) float32
-    input_ids: list[int]  # BOS + prompt + caption + eos
-    labels: list[int]  # -100 on BOS and prompt
+    input_ids: list[int]  # BOS + prompt + caption + eos; encoder-decoder: prompt + </s>
+    labels: list[int]  # -100 on BOS and prompt; encoder-decoder: caption + eos
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Right-padded model inputs; labels align with ``input_ids`` (the text part only)."""
+    """Right-padded model inputs. For a decoder-only model the labels align with
+    ``input_ids`` (the text part only); for an encoder-decoder they are the decoder's targets,
+    padded to their own length."""
 
     pixel_values: torch.Tensor  # (B, 3, H, W) float32
     input_ids: torch.Tensor  # (B, T) long, pad id after the end
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
-    labels: torch.Tensor  # (B, T) long, -100 on BOS, prompt and padding
+    labels: torch.Tensor  # (B, T) long, -100 on BOS, prompt and padding; or (B, T_target)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -233,14 +258,16 @@ class CaptionDataset(Dataset):
         eos_token_id: int,
         max_text_tokens: int | None = None,
         exif_transpose: bool = True,
+        encoder_decoder: bool = False,
     ) -> None:
         if not examples:
             raise InvalidRequest("no training examples")
         self.examples = list(examples)
         self.image_processor = image_processor
         self.exif_transpose = exif_transpose
+        encode = encode_encoder_decoder_example if encoder_decoder else encode_example
         self.encoded = [
-            encode_example(tokenizer, ex.prompt, ex.caption, eos_token_id) for ex in self.examples
+            encode(tokenizer, ex.prompt, ex.caption, eos_token_id) for ex in self.examples
         ]
         for example, (ids, _) in zip(self.examples, self.encoded, strict=True):
             if max_text_tokens is not None and len(ids) > max_text_tokens:
@@ -261,19 +288,21 @@ class CaptionDataset(Dataset):
 
 
 class Collate:
-    """EncodedExamples -> one right-padded :class:`Batch` (a picklable DataLoader collate)."""
+    """EncodedExamples -> one right-padded :class:`Batch` (a picklable DataLoader collate);
+    input ids and labels are each padded to their longest (the same length when aligned)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: Sequence[EncodedExample]) -> Batch:
         length = max(len(item.input_ids) for item in items)
+        label_length = max(len(item.labels) for item in items)
         input_ids, attention_mask, labels = [], [], []
         for item in items:
             pad = length - len(item.input_ids)
             input_ids.append(item.input_ids + [self.pad_token_id] * pad)
             attention_mask.append([1] * len(item.input_ids) + [0] * pad)
-            labels.append(item.labels + [IGNORE_INDEX] * pad)
+            labels.append(item.labels + [IGNORE_INDEX] * (label_length - len(item.labels)))
         return Batch(
             pixel_values=torch.stack([item.pixel_values for item in items]),
             input_ids=torch.tensor(input_ids),

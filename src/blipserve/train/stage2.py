@@ -2,8 +2,9 @@
 
 The paper's generative stage (and the COCO fine-tune), as in REFERENCE.md:
 
-- **frozen:** the image encoder (run under ``no_grad``) and the OPT decoder (gradients
-  flow through it to the prefix, but none of its weights change); both stay in eval mode;
+- **frozen:** the image encoder (run under ``no_grad``) and the language model, OPT or T5
+  (gradients flow through it to the prefix, but none of its weights change); both stay in
+  eval mode;
 - **trained:** ``query_tokens``, the Q-Former and ``language_projection``, as float32
   master weights (the projection is upcast if the model was loaded in bf16/fp16), with
   AdamW (0.9, 0.98), weight decay on matrices only, linear warmup then cosine decay to 0,
@@ -16,6 +17,13 @@ The decoder sees the inference sequence followed by the target (see
     sequence:  q0 ... q31 | </s>  a  Ġphoto  Ġof | Ġa  Ġcat  Ċ | <pad>
     labels:    -100 ...   | -100 ...              | Ġa  Ġcat  Ċ | -100
     positions: 0  ... 31  | 32 ...                              | -1    (cumsum(mask)*mask - 1)
+
+A T5 (Flan-T5) model reads the queries and the prompt with its encoder and learns the
+caption through its decoder, fed the targets shifted right behind its start token:
+
+    encoder:        q0 ... q31 | ▁a ▁photo ▁of </s> | <pad>
+    decoder input:  <pad> ▁a ▁cat </s>      (<pad> = decoder_start_token_id)
+    labels:         ▁a ▁cat </s> -100        (the targets; -100 past the end)
 
 **Checkpoints.** Every ``save_every`` steps, ``output_dir/checkpoint-NNNNNN/`` holds a
 complete Hugging Face checkpoint plus ``training_state.pt`` (optimizer, scheduler, grad
@@ -53,6 +61,8 @@ from blipserve.api import Pipeline
 from blipserve.errors import InvalidRequest
 from blipserve.generation_config import CheckpointDefaults
 from blipserve.model.blip2 import Blip2Model
+from blipserve.model.opt import OPTForCausalLM
+from blipserve.model.t5 import T5ForConditionalGeneration
 from blipserve.processing.image_processor import ImageProcessor
 from blipserve.processing.tokenizer import Tokenizer
 from blipserve.train.checkpoint import WEIGHTS_NAME, save_checkpoint
@@ -144,8 +154,9 @@ def stage2_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy over the labelled (caption) tokens -> scalar.
 
-    ``pixel_values`` (B, 3, H, W); ``input_ids``, ``attention_mask`` and ``labels`` (B, T)
-    for the text part, right-padded, labels -100 where there is no target.
+    ``pixel_values`` (B, 3, H, W); ``input_ids`` and ``attention_mask`` (B, T) the text after
+    the queries, right-padded. ``labels``: for OPT (B, T), aligned with the text, -100 where
+    there is no target; for T5 (B, T_target), the decoder's targets, -100 on padding.
     """
     with torch.no_grad():  # the image encoder is frozen: keep no activations for it
         image = model.vision_model(pixel_values)  # (B, 257, d_vision)
@@ -155,14 +166,44 @@ def stage2_loss(
     embeds = torch.cat([prefix, text], dim=1)  # (B, Q + T, d_lm)
     b, q = prefix.shape[:2]
     mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1).bool()  # (B, Q+T)
+    if isinstance(lm, T5ForConditionalGeneration):
+        return _encoder_decoder_loss(lm, embeds, mask, labels)
+    return _decoder_only_loss(lm, embeds, mask, labels)
+
+
+def _decoder_only_loss(
+    lm: OPTForCausalLM, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """OPT: the queries and text in one causal sequence, position t predicting token t + 1."""
+    b, q = mask.shape[0], mask.shape[1] - labels.shape[1]
     position_ids = mask.long().cumsum(-1) * mask - 1  # as in generation; -1 on padding
     logits = lm(embeds, position_ids, None if mask.all() else mask)  # (B, Q + T, V)
     targets = torch.cat([labels.new_full((b, q), IGNORE_INDEX), labels], dim=1)  # (B, Q + T)
-    # position t predicts token t + 1
+    return _cross_entropy(logits[:, :-1], targets[:, 1:])
+
+
+def _encoder_decoder_loss(
+    lm: T5ForConditionalGeneration, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """T5: queries and prompt to the encoder; the decoder, fed the targets shifted right
+    behind its start token, predicts each target (teacher forcing, as transformers)."""
+    config = lm.config
+    decoder_input_ids = shift_right(labels, config.decoder_start_token_id, config.pad_token_id)
+    logits = lm(embeds, mask, decoder_input_ids)  # (B, T_target, V)
+    return _cross_entropy(logits, labels)
+
+
+def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """(B, T) decoder targets -> (B, T) decoder inputs: the start token, then the targets
+    but the last, -100 read as padding (the reference's ``T5._shift_right``)."""
+    shifted = torch.cat([labels.new_full((labels.shape[0], 1), start_token_id), labels[:, :-1]], 1)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) targets -> mean over the targets that are not -100."""
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        targets[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
     )
 
 
@@ -299,13 +340,16 @@ class _Trainer:
     # -- data ----------------------------------------------------------------------------
 
     def dataset(self, examples: Sequence[TrainExample]) -> CaptionDataset:
-        text = self.model.config.text
+        config = self.model.config
         return CaptionDataset(
             examples,
             self.tokenizer,
             self.image_processor,
             eos_token_id=self.eos_token_id,
-            max_text_tokens=text.max_position_embeddings - self.model.config.num_query_tokens,
+            max_text_tokens=None  # T5's relative positions have no limit
+            if config.is_encoder_decoder
+            else config.text.max_position_embeddings - config.num_query_tokens,
+            encoder_decoder=config.is_encoder_decoder,
         )
 
     def batches(self, dataset: CaptionDataset) -> Iterator[Batch]:
