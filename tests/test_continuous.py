@@ -1,5 +1,6 @@
 """Continuous batching gives each request exactly what it gets alone (Pipeline.generate),
-whenever it joins and whatever runs beside it."""
+whenever it joins and whatever runs beside it: OPT (learned positions, one prefill per
+request) and Flan-T5 (the encoder once per request, relative positions in the decoder)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,37 @@ import pytest
 
 import blipserve
 from blipserve.engine.continuous import ContinuousBatch, DecodeRequest
+from blipserve.testing import checkpoints
+
+LONG_QUESTION = "Question: which city is this, and what is the weather like there? Answer:"
+
+
+def prefixes_of(pipe, photos) -> dict:
+    names = ["chelsea", "coffee", "astronaut", "china"]
+    prefix = pipe.image_prefix(pipe.preprocess([photos[n] for n in names]))  # (4, Q, D)
+    return dict(zip(names, prefix, strict=True))
 
 
 @pytest.fixture(scope="module")
 def prefixes(pipe, photos):
-    names = ["chelsea", "coffee", "astronaut", "china"]
-    prefix = pipe.image_prefix(pipe.preprocess([photos[n] for n in names]))  # (4, Q, D)
-    return dict(zip(names, prefix, strict=True))
+    return prefixes_of(pipe, photos)
+
+
+@pytest.fixture(scope="module")
+def t5_pipe(tmp_path_factory):
+    """A tiny random BLIP-2 Flan-T5 (config variant 2) whose decoder reaches its log-spaced
+    relative position buckets (max distance 20) within one answer."""
+    root = tmp_path_factory.mktemp("t5-continuous")
+    reference = checkpoints.build_t5_reference(root, variant=2, seed=0)
+    directory = checkpoints.save_checkpoint(reference, root, "single")
+    return blipserve.load(str(directory), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def family(request, photos):
+    """(pipe, prefixes) of each language model family."""
+    pipe = request.getfixturevalue("pipe" if request.param == "opt" else "t5_pipe")
+    return pipe, prefixes_of(pipe, photos)
 
 
 def new_batch(pipe) -> ContinuousBatch:
@@ -55,20 +80,24 @@ CASES = [
     ("china", "", {"max_new_tokens": 7, "min_new_tokens": 7}),
     ("chelsea", "a", {"max_new_tokens": 6, "do_sample": True, "seed": 3, "top_p": 0.9}),
     ("coffee", "", {"max_new_tokens": 8, "do_sample": True, "seed": 5, "num_return_sequences": 3}),
+    ("astronaut", LONG_QUESTION, {"max_new_tokens": 30, "min_new_tokens": 30}),
 ]
 
 
-def test_staggered_requests_match_running_alone(pipe, prefixes, photos):
+def test_staggered_requests_match_running_alone(family, photos):
+    pipe, prefixes = family
     batch = new_batch(pipe)
     requests = [request(pipe, prefixes, image, prompt, **gen) for image, prompt, gen in CASES]
-    rows = run(batch, {0: requests[:2], 2: requests[2:4], 3: [requests[4]], 6: [requests[5]]})
+    joining = {0: requests[:2], 1: [requests[6]], 2: requests[2:4], 3: [requests[4]]}
+    rows = run(batch, {**joining, 6: [requests[5]]})
     assert max(rows) > 2 and rows[-1] < max(rows)  # requests overlapped, and left early
     for req, (image, prompt, gen) in zip(requests, CASES, strict=True):
         assert req.done
         assert req.new_ids == alone(pipe, photos, image, prompt, **gen), (image, prompt, gen)
 
 
-def test_requests_leave_when_done_and_the_cache_shrinks(pipe, prefixes):
+def test_requests_leave_when_done_and_the_cache_shrinks(family):
+    pipe, prefixes = family
     batch = new_batch(pipe)
     long = request(
         pipe, prefixes, "chelsea", "a much longer prompt than the other one", max_new_tokens=14
@@ -87,7 +116,8 @@ def test_requests_leave_when_done_and_the_cache_shrinks(pipe, prefixes):
     assert len(batch) == 0 and batch.cache is None
 
 
-def test_cancelled_requests_leave_and_others_are_unaffected(pipe, prefixes, photos):
+def test_cancelled_requests_leave_and_others_are_unaffected(family, photos):
+    pipe, prefixes = family
     batch = new_batch(pipe)
     keep = request(pipe, prefixes, "astronaut", "", max_new_tokens=10)
     drop = request(pipe, prefixes, "china", "", max_new_tokens=10)
@@ -126,8 +156,9 @@ def test_a_request_ends_where_the_positions_run_out(pipe, prefixes, photos):
     assert other.new_ids == alone(pipe, photos, "coffee", "", max_new_tokens=9)
 
 
-def test_eos_ends_a_sample(pipe, prefixes, photos):
+def test_eos_ends_a_sample(family, photos):
     """A sample stops at its eos, as alone; the batch goes on without it."""
+    pipe, prefixes = family
     (ends_alone,) = alone(pipe, photos, "china", "", max_new_tokens=10)
     (other_alone,) = alone(pipe, photos, "coffee", "", max_new_tokens=10)
     eos = next(t for t in ends_alone if t not in other_alone)  # a token only "china" makes
@@ -143,3 +174,35 @@ def test_eos_ends_a_sample(pipe, prefixes, photos):
     assert ends.new_ids == [ends_alone[: ends_alone.index(eos) + 1]]
     assert ends.finished == ["stop"] and other.finished == ["length"]
     assert other.new_ids == [other_alone]
+
+
+def test_t5_rows_keep_their_encoder_outputs_and_forget_padding(t5_pipe, photos):
+    """A T5 request's encoder runs once, as it joins; its cross-attention K/V are padded to
+    the longest encoder row beside it, and the padding goes when that row leaves."""
+    prefixes = prefixes_of(t5_pipe, photos)
+    lm = t5_pipe.model.language_model
+    encoded, encode = [], lm.encode
+    lm.encode = lambda embeds, mask: encoded.append(mask.shape) or encode(embeds, mask)
+    try:
+        batch = new_batch(t5_pipe)
+        short = request(t5_pipe, prefixes, "coffee", "", max_new_tokens=12, min_new_tokens=12)
+        long = request(t5_pipe, prefixes, "china", LONG_QUESTION, max_new_tokens=3)
+        batch.add([short])
+        batch.step()
+        batch.add([long])
+        q = prefixes["coffee"].shape[0]
+        short_width, long_width = q + len(short.prompt_ids), q + len(long.prompt_ids)
+        assert encoded == [(1, short_width), (1, long_width)]  # one encoder run per request
+        assert batch.rows.encoder_mask.sum(dim=1).tolist() == [short_width, long_width]
+        assert batch.length == 2 and batch.key_mask[:, :2].tolist() == [[1, 1], [0, 1]]
+        while long in batch.requests:
+            batch.step()
+        assert batch.rows.encoder_mask.shape == (1, short_width)  # the padding is gone
+        assert batch.key_mask[:, : batch.length].all()
+        run(batch, {})
+    finally:
+        del lm.encode
+    assert short.new_ids == alone(
+        t5_pipe, photos, "coffee", "", max_new_tokens=12, min_new_tokens=12
+    )
+    assert long.new_ids == alone(t5_pipe, photos, "china", LONG_QUESTION, max_new_tokens=3)

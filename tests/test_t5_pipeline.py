@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 import blipserve
-from blipserve.engine.prefix_cache import pixels_key
-from blipserve.engine.scheduler import Job, Scheduler, TokenOut
 from blipserve.errors import InvalidRequest
 from blipserve.model.blip2 import Blip2Config
 from blipserve.processing.tokenizer import Tokenizer
@@ -193,42 +190,3 @@ def test_embedding_copies_are_skipped_with_a_reason(root, reference):
     reasons = [reason for pattern, reason in SKIPPED.items() if "embed_tokens" in pattern]
     assert reasons and "shared.weight" in reasons[0]
     assert isinstance(Tokenizer.from_pretrained(directory), Tokenizer)
-
-
-def test_server_scheduler_runs_t5_jobs_outside_the_continuous_batch(t5_pipe, images):
-    """The server's scheduler runs T5 jobs outside the continuous batch (OPT's only), each
-    token sent as it is made: same tokens as the pipeline, greedy and sampled."""
-    scheduler = Scheduler(t5_pipe.model, **t5_pipe.defaults.engine_tokens())
-    scheduler.start()
-    pixels = t5_pipe.preprocess(images[:2])
-    options = [dict(max_new_tokens=MAX_NEW), dict(max_new_tokens=MAX_NEW, do_sample=True, seed=3)]
-    done = threading.Event()
-    results: dict[int, list[int]] = {i: [] for i in range(len(options))}
-    finished = set()
-
-    def sink_for(i):
-        def sink(event):
-            assert isinstance(event, TokenOut), event
-            results[i].append(event.token_id)
-            if event.finish_reason is not None:
-                finished.add(i)
-                if len(finished) == len(options):
-                    done.set()
-
-        return sink
-
-    prompt_ids = t5_pipe.tokenizer.encode("a photo of")
-    jobs = [
-        Job(pixels_key(pixels[i]), pixels[i : i + 1], prompt_ids, t5_pipe.params(**o), sink_for(i))
-        for i, o in enumerate(options)
-    ]
-    for job in jobs:
-        scheduler.check(job.prompt_ids, job.params)
-    scheduler.submit(jobs)
-    try:
-        assert done.wait(120)
-    finally:
-        scheduler.close(timeout=30)
-    for i, o in enumerate(options):
-        expected = t5_pipe.generate([images[i]], ["a photo of"], **o)[0][0].token_ids
-        assert results[i] == expected

@@ -1,21 +1,29 @@
 """Continuous batching: sequences join a running decode batch at step boundaries and leave
 as soon as they finish, so no request waits for the slowest one in its batch.
 
-A :class:`ContinuousBatch` holds the rows being decoded, one KV cache for all of them,
-right-aligned: every row's newest token sits in the same cache slot, rows that joined
-with shorter histories are left-padded and masked. Each row keeps its own positions, so
-a row decodes exactly as it would alone (:func:`blipserve.engine.generate.stream`):
+A :class:`ContinuousBatch` holds the rows being decoded, one self-attention KV cache for
+all of them, right-aligned (:class:`~blipserve.engine.kv_cache.RightAlignedCache`): every
+row's newest token sits in the same cache slot, rows that joined with shorter histories
+are left-padded and masked. Each row decodes exactly as it would alone
+(:func:`blipserve.engine.generate.stream`). OPT (:class:`DecoderOnlyRows`) keeps each
+row's own learned positions:
 
     slots:   0 ........................................ length-1
     row 0:   [pad pad | q0..qQ | </s> prompt | new tokens ...]
     row 1:   [q0..qQ | </s> a longer prompt ..... | new tokens]
 
+T5 (:class:`~blipserve.engine.encoder_decoder.EncoderDecoderRows`) runs each request's
+encoder once, as it joins, keeps its cross-attention K/V per row (padded to the longest
+encoder row and masked), and decodes ``[<pad> | new tokens]`` right-aligned the same way;
+its relative positions see offsets between slots, which the alignment keeps.
+
 :meth:`ContinuousBatch.add` prefills new requests together (one row per request, widened
-to its ``n`` samples afterwards) and joins them; :meth:`ContinuousBatch.step` picks one
-token for every row, reports them, drops finished and cancelled requests and feeds the
-rest. A request's samples stay in the batch until all of them finish, fed padding once
-done, exactly as in the offline engine: a seeded request draws the same random numbers
-here as in ``Pipeline.generate``, whatever else is being decoded beside it.
+to its ``n`` samples afterwards) through the offline engine's decode states and joins them;
+:meth:`ContinuousBatch.step` picks one token for every row, reports them, drops finished
+and cancelled requests and feeds the rest. A request's samples stay in the batch until all
+of them finish, fed padding once done, exactly as in the offline engine: a seeded request
+draws the same random numbers here as in ``Pipeline.generate``, whatever else is being
+decoded beside it.
 
 Beam search is not continuous (beams of one request are re-ranked together); the
 scheduler runs those requests with :func:`blipserve.engine.generate.generate`.
@@ -28,23 +36,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blipserve.engine.encoder_decoder import EncoderDecoderRows, EncoderDecoderState
 from blipserve.engine.generate import (
+    DecodeState,
     FinishReason,
-    build_prompt_batch,
+    decode_state,
     decode_step,
     process_scores,
-    token_budget,
+    row_budget,
 )
-from blipserve.engine.kv_cache import KVCache, stack_right_aligned
+from blipserve.engine.kv_cache import KVCache, RightAlignedCache
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.sampling import (
     greedy_pick,
     make_generator,
     mark_seen,
     sample,
-    seen_token_mask,
 )
 from blipserve.errors import InvalidRequest
+from blipserve.model.blip2 import LanguageModel
 from blipserve.model.opt import OPTForCausalLM
 
 
@@ -53,7 +63,7 @@ class DecodeRequest:
     """One image + prompt to continue, ``params.num_return_sequences`` times."""
 
     prefix: torch.Tensor  # (Q, D) projected query embeddings, model dtype and device
-    prompt_ids: list[int]  # BOS first
+    prompt_ids: list[int]  # BOS first (OPT), </s> last (T5)
     params: GenerationParams
     stop: Callable[[list[int]], bool] | None = None  # new ids of one sample -> stop now?
     cancelled: bool = False  # set from any thread; honoured at the next step
@@ -61,7 +71,7 @@ class DecodeRequest:
     new_ids: list[list[int]] = field(default_factory=list)  # per sample
     finished: list[FinishReason | None] = field(default_factory=list)  # per sample
     generator: torch.Generator | None = None
-    budget: int = 0  # new tokens per sample: max_new_tokens, or fewer where positions run out
+    budget: int = 0  # new tokens per sample: max_new_tokens, or fewer where OPT's positions end
 
     @property
     def done(self) -> bool:
@@ -78,10 +88,56 @@ class StepEvent:
     finish_reason: FinishReason | None
 
 
+class DecoderOnlyRows:
+    """OPT rows of a continuous batch: the right-aligned cache and each row's next position
+    (its real tokens so far: padding takes no position)."""
+
+    def __init__(self, lm: OPTForCausalLM, slots: RightAlignedCache) -> None:
+        self.lm = lm
+        self.slots = slots
+        self.next_position = slots.key_mask[:, : slots.length].sum(dim=1)  # (B,)
+
+    @classmethod
+    def from_state(cls, state: DecodeState) -> DecoderOnlyRows:
+        """The rows of a prefilled state, widened or not."""
+        return cls(state.lm, RightAlignedCache(state.cache, state.key_mask, state.length))
+
+    @classmethod
+    def stack(cls, parts: list[DecoderOnlyRows], capacity: int) -> DecoderOnlyRows:
+        """The rows of ``parts``, in order; ``capacity`` slots."""
+        return cls(parts[0].lm, RightAlignedCache.stack([part.slots for part in parts], capacity))
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (in that order)."""
+        self.slots.select(index)
+        self.next_position = self.next_position.index_select(0, index)
+
+    def feed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """One (B,) token per row into slot ``length``; -> (B, V) logits for the next pick."""
+        slots = self.slots
+        key_mask = slots.open_slot()
+        logits = decode_step(
+            self.lm, token_ids, self.next_position, key_mask, slots.cache, slots.length
+        )
+        slots.length += 1
+        self.next_position = self.next_position + 1
+        return logits
+
+
+BatchRows = DecoderOnlyRows | EncoderDecoderRows
+
+
+def running_rows(state: DecodeState | EncoderDecoderState) -> BatchRows:
+    """A prefilled decode state's rows, as a continuous batch holds them."""
+    if isinstance(state, EncoderDecoderState):
+        return EncoderDecoderRows.from_state(state)
+    return DecoderOnlyRows.from_state(state)
+
+
 class ContinuousBatch:
     def __init__(
         self,
-        lm: OPTForCausalLM,
+        lm: LanguageModel,
         *,
         eos_token_ids: list[int],
         pad_token_id: int,
@@ -97,12 +153,9 @@ class ContinuousBatch:
     def _reset(self) -> None:
         """No rows: the state of a new batch."""
         self.requests: list[DecodeRequest] = []  # in row order; each owns n adjacent rows
-        self.cache: KVCache | None = None
-        self.key_mask = torch.zeros(0, 0, dtype=torch.bool)  # (B, capacity)
-        self.next_position = torch.zeros(0, dtype=torch.long)  # (B,)
+        self.rows: BatchRows | None = None
         self.seen = torch.zeros(0, 0, dtype=torch.bool)  # (B, V) ids each row has seen
         self.logits: torch.Tensor | None = None  # (B, V) for the next pick
-        self.length = 0  # filled slots, the same for every row
 
     @property
     def num_rows(self) -> int:
@@ -110,6 +163,23 @@ class ContinuousBatch:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    @property
+    def cache(self) -> KVCache | None:
+        """The self-attention cache of every row (None without rows)."""
+        return None if self.rows is None else self.rows.slots.cache
+
+    @property
+    def key_mask(self) -> torch.Tensor:
+        """(B, capacity) real self-attention slots."""
+        if self.rows is None:
+            return torch.zeros(0, 0, dtype=torch.bool)
+        return self.rows.slots.key_mask
+
+    @property
+    def length(self) -> int:
+        """Filled self-attention slots, the same for every row."""
+        return 0 if self.rows is None else self.rows.slots.length
 
     # -- joining ---------------------------------------------------------------------------
 
@@ -123,60 +193,48 @@ class ContinuousBatch:
         for request in requests:
             if request.params.num_beams != 1:
                 raise InvalidRequest("continuous batching runs greedy and sampling requests only")
-            positions = q + len(request.prompt_ids)
-            request.budget = token_budget(lm.config, positions, q, request.params.max_new_tokens)
+            request.budget = row_budget(
+                lm, q, len(request.prompt_ids), request.params.max_new_tokens
+            )
         prefix = torch.stack([r.prefix for r in requests])  # (b, Q, D)
-        batch = build_prompt_batch(
+        state = decode_state(
             lm,
             prefix,
             [r.prompt_ids for r in requests],
+            max_new_tokens=1,  # the batch's cache takes the steps: only the prefill here
+            track_seen=True,
             pad_token_id=self.pad_token_id,
             image_token_id=self.image_token_id,
         )
-        b, length = batch.key_mask.shape
-        cache = KVCache.for_model(lm.config, b, length, prefix.dtype, prefix.device)
-        key_mask = batch.key_mask if batch.padded else None
-        logits = lm(batch.embeds, batch.position_ids, key_mask, cache, 0, last_only=True)[:, -1]
-        seen = seen_token_mask(batch.history_ids, lm.config.vocab_size)  # (b, V)
-
+        logits = state.prefill()  # (b, V)
         repeats = torch.tensor(
             [r.params.num_return_sequences for r in requests], device=prefix.device
         )
-        cache.k = cache.k.repeat_interleave(repeats, dim=1)
-        cache.v = cache.v.repeat_interleave(repeats, dim=1)
-        new_mask = batch.key_mask.repeat_interleave(repeats, dim=0)
+        state.repeat_interleave(repeats)
         logits = logits.repeat_interleave(repeats, dim=0)
-        seen = seen.repeat_interleave(repeats, dim=0)
         for request in requests:
             n = request.params.num_return_sequences
             request.new_ids = [[] for _ in range(n)]
             request.finished = [None] * n
             if request.params.do_sample:
                 request.generator = make_generator(request.params.seed, prefix.device)
-        self._join(cache, new_mask, logits, seen, length, requests)
+        self._join(running_rows(state), logits, state.seen, requests)
 
-    def _join(self, cache, key_mask, logits, seen, length, requests) -> None:
-        """Append prefilled rows (``cache`` with ``length`` slots) to the running ones."""
+    def _join(
+        self,
+        rows: BatchRows,
+        logits: torch.Tensor,
+        seen: torch.Tensor,
+        requests: list[DecodeRequest],
+    ) -> None:
+        """Append prefilled ``rows`` to the running ones."""
         everyone = self.requests + requests
-        end = max(self.length, length)
+        end = max(self.length, rows.slots.length)
         capacity = end + max(r.budget - len(r.new_ids[0]) for r in everyone)
-        parts = (
-            [(cache, length)]
-            if self.cache is None
-            else [(self.cache, self.length), (cache, length)]
-        )
-        self.cache = stack_right_aligned(parts, capacity)
-        old = self.key_mask.shape[0]
-        mask = torch.zeros(
-            old + key_mask.shape[0], capacity, dtype=torch.bool, device=key_mask.device
-        )
-        mask[:old, end - self.length : end] = self.key_mask[:, : self.length]
-        mask[old:, end - length : end] = key_mask
-        self.key_mask = mask
-        self.next_position = mask.sum(dim=1)  # positions count real tokens only
-        self.logits = logits if old == 0 else torch.cat([self.logits, logits])
-        self.seen = seen if old == 0 else torch.cat([self.seen, seen])
-        self.length = end
+        first = self.rows is None
+        self.rows = type(rows).stack([rows] if first else [self.rows, rows], capacity)
+        self.logits = logits if first else torch.cat([self.logits, logits])
+        self.seen = seen if first else torch.cat([self.seen, seen])
         self.requests = everyone
 
     # -- stepping --------------------------------------------------------------------------
@@ -241,35 +299,12 @@ class ContinuousBatch:
             if not kept:
                 self._reset()
                 return
-            index = torch.tensor(rows, device=self.key_mask.device)
-            self.cache.select(index)
-            self.key_mask = self.key_mask.index_select(0, index)
-            self.next_position = self.next_position.index_select(0, index)
+            index = torch.tensor(rows, device=self.logits.device)
+            self.rows.select(index)
             self.seen = self.seen.index_select(0, index)
             self.logits = self.logits.index_select(0, index)
             if tokens is not None:
                 tokens = tokens.index_select(0, index)
-            self._drop_leading_padding()
         if tokens is not None:
-            self._feed(tokens)
-
-    def _drop_leading_padding(self) -> None:
-        """Forget leading slots that are padding in every remaining row."""
-        used = self.key_mask[:, : self.length].any(dim=0)
-        first = int(used.long().argmax().item())
-        if first > 0:
-            self.cache.drop_leading(first)
-            self.key_mask = self.key_mask[:, first:]
-            self.length -= first
-
-    def _feed(self, tokens: torch.Tensor) -> None:
-        """One (B,) token per row into slot ``length``; sets the logits for the next pick."""
-        mark_seen(self.seen, tokens)
-        self.key_mask[:, self.length] = True
-        mask = self.key_mask[:, : self.length + 1]
-        padded = not bool(mask.all())
-        self.logits = decode_step(
-            self.lm, tokens, self.next_position, mask if padded else None, self.cache, self.length
-        )
-        self.length += 1
-        self.next_position = self.next_position + 1
+            mark_seen(self.seen, tokens)
+            self.logits = self.rows.feed(tokens)

@@ -27,6 +27,11 @@ What differs from OPT, as the reference does it:
   entries are contiguous: the reference's default (right padding) is what we match. A
   left-padding tokenizer would put the padding *between* the queries and the prompt
   (``Blip2Processor`` prepends the queries after padding) and change the offsets.
+
+The server's continuous batch keeps T5 rows as :class:`EncoderDecoderRows`: each joining
+request is prefilled here (encoder, cross-attention K/V, start token), then its rows sit
+beside the running ones, the cross-attention K/V right-padded to the longest encoder row
+(masked), the decoder's self-attention right-aligned (masked on the left).
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from blipserve.engine.kv_cache import KVCache
+from blipserve.engine.kv_cache import KVCache, RightAlignedCache
 from blipserve.engine.rows import check_prompt_rows
 from blipserve.engine.sampling import mark_seen, seen_token_mask
-from blipserve.model.t5 import T5ForConditionalGeneration
+from blipserve.model.t5 import CrossKeyValues, T5ForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,9 @@ class EncoderDecoderState:
         self.cross_kv = self.lm.cross_key_values(encoder_hidden)  # (L, B, H, S, d_kv) each
         return self._decode(self.start_ids)
 
-    def repeat_interleave(self, repeats: int) -> None:
-        """Each row becomes ``repeats`` consecutive rows (its beams or samples)."""
+    def repeat_interleave(self, repeats: int | torch.Tensor) -> None:
+        """Each row becomes ``repeats`` consecutive rows (its beams or samples); a (B,)
+        tensor gives each row its own count."""
         assert self.cross_kv is not None, "prefill first"
         self.cross_kv.repeat_interleave(repeats)
         self.cache.repeat_interleave(repeats)
@@ -145,3 +151,86 @@ class EncoderDecoderState:
         )  # (N, 1, V)
         self.length += 1
         return logits[:, -1]
+
+
+class EncoderDecoderRows:
+    """T5 rows of a continuous batch (:class:`blipserve.engine.continuous.ContinuousBatch`),
+    each decoding as it would alone:
+
+        cross-attention K/V (L, B, H, S, d_kv):  row 0  q0 .. q31 | prompt </s> | pad pad
+                                                 row 1  q0 .. q31 | a longer prompt </s>
+        decoder self-attention (right-aligned):  row 0  [pad pad | <pad> a cat]
+                                                 row 1  [<pad> a photo of a]
+
+    The encoder padding is masked (``encoder_mask``), as in a batch of prompts; the decoder's
+    left padding is masked too, and its slots keep each row's offsets, all that T5's
+    relative position bias sees.
+    """
+
+    def __init__(
+        self,
+        lm: T5ForConditionalGeneration,
+        slots: RightAlignedCache,
+        cross_kv: CrossKeyValues,
+        encoder_mask: torch.Tensor,
+    ) -> None:
+        self.lm = lm
+        self.slots = slots
+        self.cross_kv = cross_kv
+        self.encoder_mask = encoder_mask  # (B, S) bool, True on real entries
+
+    @classmethod
+    def from_state(cls, state: EncoderDecoderState) -> EncoderDecoderRows:
+        """The rows of a prefilled state (encoded, the start token fed), widened or not."""
+        assert state.cross_kv is not None, "prefill first"
+        b = state.encoder_mask.shape[0]
+        real = torch.ones(b, state.length, dtype=torch.bool, device=state.encoder_mask.device)
+        slots = RightAlignedCache(state.cache, real, state.length)
+        return cls(state.lm, slots, state.cross_kv, state.encoder_mask)
+
+    @classmethod
+    def stack(cls, parts: list[EncoderDecoderRows], capacity: int) -> EncoderDecoderRows:
+        """The rows of ``parts``, in order; ``capacity`` decoder slots."""
+        slots = RightAlignedCache.stack([part.slots for part in parts], capacity)
+        width = max(part.encoder_mask.shape[1] for part in parts)
+        k = torch.cat([_pad_right(part.cross_kv.k, width, dim=3) for part in parts], dim=1)
+        v = torch.cat([_pad_right(part.cross_kv.v, width, dim=3) for part in parts], dim=1)
+        mask = torch.cat([_pad_right(part.encoder_mask, width, dim=1) for part in parts])
+        return cls(parts[0].lm, slots, CrossKeyValues(k, v), mask)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (in that order); forget padding no kept row needs."""
+        self.slots.select(index)
+        self.cross_kv.select(index)
+        self.encoder_mask = self.encoder_mask.index_select(0, index)
+        width = int(self.encoder_mask.sum(dim=1).max().item())  # real entries come first
+        if width < self.encoder_mask.shape[1]:
+            self.encoder_mask = self.encoder_mask[:, :width]
+            self.cross_kv = CrossKeyValues(
+                self.cross_kv.k[:, :, :, :width], self.cross_kv.v[:, :, :, :width]
+            )
+
+    def feed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """One (B,) token per row into slot ``length``; -> (B, V) logits for the next pick."""
+        slots = self.slots
+        self_mask = slots.open_slot()
+        logits = self.lm.decode(
+            token_ids[:, None],
+            self.cross_kv,
+            self.encoder_mask,
+            slots.cache,
+            slots.length,
+            self_mask=self_mask,
+        )  # (B, 1, V)
+        slots.length += 1
+        return logits[:, -1]
+
+
+def _pad_right(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x`` with zeros (False) appended along ``dim`` up to ``width`` entries."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)

@@ -197,8 +197,9 @@ class DecodeState:
         logits = self.lm(embeds, positions, key_mask, self.cache, start, last_only=True)
         return logits[:, -1]
 
-    def repeat_interleave(self, repeats: int) -> None:
-        """Each row becomes ``repeats`` consecutive rows (its beams or samples)."""
+    def repeat_interleave(self, repeats: int | torch.Tensor) -> None:
+        """Each row becomes ``repeats`` consecutive rows (its beams or samples); a (B,)
+        tensor gives each row its own count."""
         self.cache.repeat_interleave(repeats)
         self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
         self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
@@ -276,6 +277,38 @@ def token_budget(
     return min(max_new_tokens, room)
 
 
+def row_budget(lm: LanguageModel, queries: int, prompt_length: int, max_new_tokens: int) -> int:
+    """New tokens one row (``queries`` image queries + a prompt of ``prompt_length`` ids) may
+    get: OPT's :func:`token_budget`; T5 has no position limit, so ``max_new_tokens``."""
+    if isinstance(lm, T5ForConditionalGeneration):
+        return max_new_tokens
+    return token_budget(lm.config, queries + prompt_length, queries, max_new_tokens)
+
+
+def decode_state(
+    lm: LanguageModel,
+    prefix_embeds: torch.Tensor,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    track_seen: bool,
+    pad_token_id: int,
+    image_token_id: int | None,
+    reuse: ReusedSlots | None = None,
+) -> DecodeState | EncoderDecoderState:
+    """The decode state of the prompt rows, before prefill, with room for ``max_new_tokens``
+    steps: :class:`DecodeState` (OPT) or :class:`EncoderDecoderState` (T5)."""
+    if isinstance(lm, T5ForConditionalGeneration):
+        encoder_batch = build_encoder_batch(
+            lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id
+        )
+        return EncoderDecoderState(lm, encoder_batch, max_new_tokens, track_seen)
+    batch = build_prompt_batch(
+        lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id, image_token_id=image_token_id
+    )
+    return DecodeState(lm, batch, max_new_tokens, track_seen, reuse)
+
+
 def _prepare(
     lm: LanguageModel,
     prefix_embeds: torch.Tensor,
@@ -285,23 +318,21 @@ def _prepare(
     image_token_id: int | None,
     reuse: ReusedSlots | None = None,
 ) -> tuple[DecodeState | EncoderDecoderState, list[int]]:
-    """The decode state of the prompt rows, and each row's :func:`token_budget` (T5: no
-    position limit, ``max_new_tokens`` for every row)."""
+    """The decode state of the prompt rows, and each row's :func:`row_budget`."""
     params.validate()
-    track_seen = params.repetition_penalty != 1.0
-    if isinstance(lm, T5ForConditionalGeneration):
-        encoder_batch = build_encoder_batch(
-            lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id
-        )
-        state = EncoderDecoderState(lm, encoder_batch, params.max_new_tokens, track_seen)
-        return state, [params.max_new_tokens] * len(prompt_ids)
-    batch = build_prompt_batch(
-        lm, prefix_embeds, prompt_ids, pad_token_id=pad_token_id, image_token_id=image_token_id
-    )
     q = prefix_embeds.shape[1]
-    lengths = batch.key_mask.sum(dim=1).tolist()  # positions per row, padding not counted
-    budgets = [token_budget(lm.config, n, q, params.max_new_tokens) for n in lengths]
-    return DecodeState(lm, batch, max(budgets), track_seen, reuse), budgets
+    budgets = [row_budget(lm, q, len(ids), params.max_new_tokens) for ids in prompt_ids]
+    state = decode_state(
+        lm,
+        prefix_embeds,
+        prompt_ids,
+        max_new_tokens=max(budgets, default=0),  # no rows: refused by the batch builder
+        track_seen=params.repetition_penalty != 1.0,
+        pad_token_id=pad_token_id,
+        image_token_id=image_token_id,
+        reuse=reuse,
+    )
+    return state, budgets
 
 
 def _token_stream(
@@ -492,10 +523,12 @@ __all__ = [
     "SequenceOutput",
     "TokenEvent",
     "build_prompt_batch",
+    "decode_state",
     "decode_step",
     "generate",
     "prefill",
     "process_scores",
+    "row_budget",
     "stream",
     "token_budget",
 ]

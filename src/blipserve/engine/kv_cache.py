@@ -1,9 +1,12 @@
-"""A preallocated key/value cache for the OPT decoder.
+"""A preallocated key/value cache for a decoder's self-attention (OPT's, T5's).
 
 One tensor each for keys and values, shaped (layers, batch, heads, max_len, head_dim), sized
 once for ``prefill length + max_new_tokens``: decode steps write one slot per row and never
 reallocate. Beam search reorders rows with :meth:`KVCache.reorder`; a prompt prefilled once
 per image is widened to its beams or samples with :meth:`KVCache.repeat_interleave`.
+
+A continuous batch holds rows of different lengths in one :class:`RightAlignedCache`: every
+row's newest entry sits in the same slot, shorter histories are left-padded and masked.
 """
 
 from __future__ import annotations
@@ -70,9 +73,10 @@ class KVCache:
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
 
-    def repeat_interleave(self, repeats: int) -> None:
-        """Each row becomes ``repeats`` consecutive copies: (B, ...) -> (B * repeats, ...)."""
-        if repeats > 1:
+    def repeat_interleave(self, repeats: int | torch.Tensor) -> None:
+        """Each row becomes ``repeats`` consecutive copies: (B, ...) -> (B * repeats, ...);
+        a (B,) tensor gives each row its own count."""
+        if isinstance(repeats, torch.Tensor) or repeats > 1:
             self.k = self.k.repeat_interleave(repeats, dim=1)
             self.v = self.v.repeat_interleave(repeats, dim=1)
 
@@ -87,20 +91,60 @@ class KVCache:
             self.v = self.v[:, :, :, slots:]
 
 
-def stack_right_aligned(parts: list[tuple[KVCache, int]], capacity: int) -> KVCache:
-    """Stack the rows of caches holding ``length`` filled slots each into a new cache of
-    ``capacity`` slots, all ending at slot ``max(length)``: shorter ones are left-padded
-    (their key masks must say so). (L, Bi, H, *, hd) -> (L, sum Bi, H, capacity, hd)."""
-    end = max(length for _, length in parts)
-    assert capacity >= end, f"capacity {capacity} < {end} filled slots"
-    layers, _, heads, _, head_dim = parts[0][0].k.shape
-    first = parts[0][0].k
-    rows = sum(cache.batch_size for cache, _ in parts)
-    joined = KVCache(layers, rows, heads, capacity, head_dim, first.dtype, first.device)
-    row = 0
-    for cache, length in parts:
-        b = cache.batch_size
-        joined.k[:, row : row + b, :, end - length : end] = cache.k[:, :, :, :length]
-        joined.v[:, row : row + b, :, end - length : end] = cache.v[:, :, :, :length]
-        row += b
-    return joined
+class RightAlignedCache:
+    """The self-attention cache of a continuous batch: rows of different lengths, right-aligned
+    so that one decode step writes every row's new entry into the same slot ``length``.
+
+        slots:  0 .............. length-1 | length (the next step's)
+        row 0:  [pad pad | h0 h1 h2 h3 h4]
+        row 1:  [h0 h1 h2 h3 h4 h5 h6    ]
+
+    ``key_mask`` (B, capacity) marks the real slots. A row's slot and its position differ by
+    its padding, the same for every entry of the row, so offsets between entries (all that
+    relative positions see) are those of the row alone.
+    """
+
+    def __init__(self, cache: KVCache, key_mask: torch.Tensor, length: int) -> None:
+        self.cache = cache
+        self.key_mask = key_mask  # (B, >= length) bool
+        self.length = length  # filled slots, the same for every row
+
+    @classmethod
+    def stack(cls, parts: list[RightAlignedCache], capacity: int) -> RightAlignedCache:
+        """The rows of ``parts``, in order, in a new cache of ``capacity`` slots, all ending at
+        slot ``max(length)``: shorter ones are left-padded.
+        (L, Bi, H, *, hd) -> (L, sum Bi, H, capacity, hd)."""
+        end = max(part.length for part in parts)
+        assert capacity >= end, f"capacity {capacity} < {end} filled slots"
+        layers, _, heads, _, head_dim = parts[0].cache.k.shape
+        first = parts[0].cache.k
+        rows = sum(part.cache.batch_size for part in parts)
+        cache = KVCache(layers, rows, heads, capacity, head_dim, first.dtype, first.device)
+        key_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=first.device)
+        row = 0
+        for part in parts:
+            b, n = part.cache.batch_size, part.length
+            cache.k[:, row : row + b, :, end - n : end] = part.cache.k[:, :, :, :n]
+            cache.v[:, row : row + b, :, end - n : end] = part.cache.v[:, :, :, :n]
+            key_mask[row : row + b, end - n : end] = part.key_mask[:, :n]
+            row += b
+        return cls(cache, key_mask, end)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (in that order), then forget leading slots that are padding in
+        every row kept."""
+        self.cache.select(index)
+        self.key_mask = self.key_mask.index_select(0, index)
+        used = self.key_mask[:, : self.length].any(dim=0)
+        first = int(used.long().argmax().item())
+        if first > 0:
+            self.cache.drop_leading(first)
+            self.key_mask = self.key_mask[:, first:]
+            self.length -= first
+
+    def open_slot(self) -> torch.Tensor | None:
+        """Mark slot ``length`` real in every row (a step is about to fill it); -> the
+        (B, length + 1) key mask the step attends with, or None where no row has padding."""
+        self.key_mask[:, self.length] = True
+        mask = self.key_mask[:, : self.length + 1]
+        return None if bool(mask.all()) else mask

@@ -7,10 +7,10 @@ images themselves, then :meth:`Scheduler.submit` :class:`Job`\\s. The engine thr
 1. admit waiting jobs, oldest first, while the running batch has rows to spare;
 2. look up each admitted image's prefix by content hash; run the vision encoder and
    Q-Former once, batched, over the images not cached, and cache them;
-3. add greedy and sampling jobs to the running batch (continuous batching); run beam
-   search jobs whole, on their own (their beams are re-ranked together), and so every job
-   of a T5 (Flan-T5) model, whose tokens go to its ``sink`` as they are made (continuous
-   batching is OPT's only, for now);
+3. add greedy and sampling jobs to the running batch (continuous batching, OPT and T5
+   alike: a T5 job's encoder runs as it joins); run beam search jobs whole, on their own
+   (their beams are re-ranked together), their tokens sent to the ``sink`` as they are
+   known;
 4. one decode step; each new token goes to its job's ``sink``.
 
 Jobs leave when done, cancelled (a client disconnected) or past their deadline. A full
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blipserve.engine.continuous import ContinuousBatch, DecodeRequest
-from blipserve.engine.generate import FinishReason, stream, token_budget
+from blipserve.engine.generate import FinishReason, row_budget, stream
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.prefix_cache import PrefixCache
 from blipserve.errors import BlipserveError
@@ -66,7 +66,7 @@ class Job:
 
     image_key: str  # content hash of the image: the prefix cache key
     pixels: torch.Tensor  # (1, 3, H, W) float32, preprocessed
-    prompt_ids: list[int]  # BOS first
+    prompt_ids: list[int]  # BOS first (OPT), </s> last (T5)
     params: GenerationParams
     sink: Callable[[JobEvent], None]  # called on the engine thread; must not block
     stop: Callable[[list[int]], bool] | None = None
@@ -142,11 +142,10 @@ class Scheduler:
 
     def check(self, prompt_ids: list[int], params: GenerationParams) -> None:
         """Raise InvalidRequest now if the prompt leaves no room to generate (before
-        queueing); a prompt with less room than ``max_new_tokens`` ends with "length"."""
-        if self.model.config.is_encoder_decoder:
-            return  # T5 has no position limit
+        queueing); a prompt with less room than ``max_new_tokens`` ends with "length" (T5
+        has no position limit)."""
         q = self.model.config.num_query_tokens
-        token_budget(self.model.config.text, q + len(prompt_ids), q, params.max_new_tokens)
+        row_budget(self.model.language_model, q, len(prompt_ids), params.max_new_tokens)
 
     def submit(self, jobs: Iterable[Job]) -> None:
         """Queue ``jobs``, all or none: :class:`QueueFull` if they do not fit."""
@@ -217,7 +216,7 @@ class Scheduler:
         joining = []
         for job, prefix in zip(jobs, prefixes, strict=True):
             self.stats.prompt_tokens += len(job.prompt_ids)
-            if job.params.num_beams > 1 or self.model.config.is_encoder_decoder:
+            if job.params.num_beams > 1:
                 self._run_alone(job, prefix)
                 continue
             job._request = DecodeRequest(prefix, job.prompt_ids, job.params, job.stop)
@@ -241,8 +240,8 @@ class Scheduler:
         return prefixes
 
     def _run_alone(self, job: Job, prefix: torch.Tensor) -> None:
-        """Run a job outside the running batch, sending each token as it is made (beam
-        search knows its tokens only at the end). A job cancelled or past its deadline
+        """Run a (beam search) job outside the running batch, sending its tokens as they are
+        known (beam search knows them only at the end). A job cancelled or past its deadline
         stops at its next token."""
         stop = None if job.stop is None else (lambda _row, ids: job.stop(ids))
         events = stream(

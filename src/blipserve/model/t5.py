@@ -174,9 +174,10 @@ class CrossKeyValues:
         """(B, H, S, d_kv) keys and values of block ``index``."""
         return self.k[index], self.v[index]
 
-    def repeat_interleave(self, repeats: int) -> None:
-        """Each row becomes ``repeats`` consecutive copies: (L, B, ...) -> (L, B * repeats, ...)."""
-        if repeats > 1:
+    def repeat_interleave(self, repeats: int | torch.Tensor) -> None:
+        """Each row becomes ``repeats`` consecutive copies: (L, B, ...) -> (L, B * repeats, ...);
+        a (B,) tensor gives each row its own count."""
+        if isinstance(repeats, torch.Tensor) or repeats > 1:
             self.k = self.k.repeat_interleave(repeats, dim=1)
             self.v = self.v.repeat_interleave(repeats, dim=1)
 
@@ -412,12 +413,16 @@ class T5ForConditionalGeneration(nn.Module):
         encoder_mask: torch.Tensor,
         cache: KVCacheLike | None = None,
         cache_start: int = 0,
+        self_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) decoder ids at positions ``cache_start ...`` -> (B, T, V) logits.
 
         ``encoder_mask`` (B, S) flags the real encoder entries. Without a ``cache`` the ids
         are the whole decoder sequence so far (``cache_start`` 0); with one, its slots
-        ``0 : cache_start`` hold the earlier positions' keys and values.
+        ``0 : cache_start`` hold the earlier positions' keys and values. ``self_mask``
+        (B, cache_start + T) flags the real ones among all those slots (None: all are): rows
+        of different lengths, left-padded, decode together; only offsets between slots
+        reach the relative position bias, so the padding shifts nothing.
         """
         assert cache is not None or cache_start == 0, "cache_start needs a cache"
         x = self.embed_tokens(decoder_input_ids)  # (B, T, d)
@@ -426,6 +431,8 @@ class T5ForConditionalGeneration(nn.Module):
         self_bias = self.decoder.position_bias(cache_start, t, keys, device)  # (1, H, T, keys)
         if t > 1:
             self_bias = self_bias + causal_bias(cache_start, t, keys, self_bias.dtype, device)
+        if self_mask is not None:
+            self_bias = self_bias + padding_bias(self_mask, self_bias.dtype)  # (B, H, T, keys)
         cross_bias = padding_bias(encoder_mask, self_bias.dtype)  # (B, 1, 1, S)
         hidden = self.decoder(x, self_bias, cross_kv, cross_bias, cache, cache_start)
         if self.config.scale_decoder_outputs:
