@@ -4,6 +4,8 @@ reference run as users run it (``Blip2Processor`` with the checkpoint's T5 token
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -190,3 +192,24 @@ def test_embedding_copies_are_skipped_with_a_reason(root, reference):
     reasons = [reason for pattern, reason in SKIPPED.items() if "embed_tokens" in pattern]
     assert reasons and "shared.weight" in reasons[0]
     assert isinstance(Tokenizer.from_pretrained(directory), Tokenizer)
+
+
+def test_batch_command_on_a_flan_t5_checkpoint(checkpoint, t5_pipe, photos, tmp_path):
+    """``blipserve batch`` on a folder: the managed endpoint's predictions.csv, each row the
+    Pipeline's caption of its image."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        photos[name].save(folder / f"{name}.jpg", quality=95)
+    flags = ["--model", str(checkpoint), "--device", "cpu", "--dtype", "float32"]
+    done = subprocess.run(
+        [sys.executable, "-m", "blipserve", "batch", str(folder), str(tmp_path / "out"),
+         *flags, "--max-new-tokens", "6", "--no-progress"],
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.reader(io.StringIO((tmp_path / "out" / "predictions.csv").read_text())))
+    names = ["chelsea.jpg", "coffee.jpg"]
+    expected = t5_pipe.caption([str(folder / n) for n in names], max_new_tokens=6)
+    assert rows == [["0", text, name] for text, name in zip(expected, names, strict=True)]
