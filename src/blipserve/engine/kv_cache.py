@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from blipserve.model.common import KeyValueRows
 from blipserve.model.opt import OPTConfig
 
 
-class KVCache:
+class KVCache(KeyValueRows):
     def __init__(
         self,
         num_layers: int,
@@ -70,19 +71,7 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]`` (beam search keeps its surviving beams)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-
-    def repeat_interleave(self, repeats: int | torch.Tensor) -> None:
-        """Each row becomes ``repeats`` consecutive copies: (B, ...) -> (B * repeats, ...);
-        a (B,) tensor gives each row its own count."""
-        if isinstance(repeats, torch.Tensor) or repeats > 1:
-            self.k = self.k.repeat_interleave(repeats, dim=1)
-            self.v = self.v.repeat_interleave(repeats, dim=1)
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (in that order); same as :meth:`reorder`, named for removal."""
-        self.reorder(index)
+        self.select(index)
 
     def drop_leading(self, slots: int) -> None:
         """Forget the first ``slots`` slots (padding no row needs any more); a view, no copy."""

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blipserve.errors import UnsupportedModel
-from blipserve.model.common import KVCacheLike, activation
+from blipserve.model.common import KeyValueRows, KVCacheLike, activation
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def causal_bias(
 
 
 @dataclass
-class CrossKeyValues:
+class CrossKeyValues(KeyValueRows):
     """The decoder's cross-attention keys and values of one batch of encoder outputs, for
     every block: (L, B, H, S, d_kv) each. Computed once per image; the engine widens the rows
     to beams or samples and picks rows as requests come and go."""
@@ -173,18 +173,6 @@ class CrossKeyValues:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, S, d_kv) keys and values of block ``index``."""
         return self.k[index], self.v[index]
-
-    def repeat_interleave(self, repeats: int | torch.Tensor) -> None:
-        """Each row becomes ``repeats`` consecutive copies: (L, B, ...) -> (L, B * repeats, ...);
-        a (B,) tensor gives each row its own count."""
-        if isinstance(repeats, torch.Tensor) or repeats > 1:
-            self.k = self.k.repeat_interleave(repeats, dim=1)
-            self.v = self.v.repeat_interleave(repeats, dim=1)
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (in that order)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
 
 
 class T5LayerNorm(nn.Module):
