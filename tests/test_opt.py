@@ -126,7 +126,7 @@ def test_cache_reorder_and_repeat_move_rows():
     cache.update(0, k, k + 10, 0)
     cache.repeat_interleave(2)
     assert cache.k[0, :, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
-    cache.reorder(torch.tensor([3, 0, 0, 2]))
+    cache.select(torch.tensor([3, 0, 0, 2]))
     assert cache.v[0, :, 0, 0, 0].tolist() == [11.0, 10.0, 10.0, 11.0]
 
 

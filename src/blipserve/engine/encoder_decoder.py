@@ -133,7 +133,7 @@ class EncoderDecoderState:
     def reorder(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]``. Beam parents stay within their image, whose
         rows share one encoder output: the cross-attention K/V need no reordering."""
-        self.cache.reorder(index)
+        self.cache.select(index)
         if self.seen is not None:
             self.seen = self.seen.index_select(0, index)
 

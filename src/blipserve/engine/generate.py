@@ -208,7 +208,7 @@ class DecodeState:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]``."""
-        self.cache.reorder(index)
+        self.cache.select(index)
         if self.seen is not None:
             self.seen = self.seen.index_select(0, index)
 

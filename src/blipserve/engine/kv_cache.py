@@ -2,7 +2,7 @@
 
 One tensor each for keys and values, shaped (layers, batch, heads, max_len, head_dim), sized
 once for ``prefill length + max_new_tokens``: decode steps write one slot per row and never
-reallocate. Beam search reorders rows with :meth:`KVCache.reorder`; a prompt prefilled once
+reallocate. Beam search reorders rows with :meth:`KVCache.select`; a prompt prefilled once
 per image is widened to its beams or samples with :meth:`KVCache.repeat_interleave`.
 
 A continuous batch holds rows of different lengths in one :class:`RightAlignedCache`: every
@@ -68,10 +68,6 @@ class KVCache(KeyValueRows):
         self.k[layer_idx, :, :, start:end] = k
         self.v[layer_idx, :, :, start:end] = v
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Row ``i`` becomes old row ``index[i]`` (beam search keeps its surviving beams)."""
-        self.select(index)
 
     def drop_leading(self, slots: int) -> None:
         """Forget the first ``slots`` slots (padding no row needs any more); a view, no copy."""
