@@ -218,7 +218,7 @@ class ContinuousBatch:
             request.finished = [None] * n
             if request.params.do_sample:
                 request.generator = make_generator(request.params.seed, prefix.device)
-        self._join(running_rows(state), logits, state.seen, requests)
+        self._join(running_rows(state), logits, state.seen.mask, requests)
 
     def _join(
         self,

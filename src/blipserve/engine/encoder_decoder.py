@@ -42,7 +42,7 @@ import torch
 
 from blipserve.engine.kv_cache import KVCache, RightAlignedCache
 from blipserve.engine.rows import check_prompt_rows
-from blipserve.engine.sampling import mark_seen, seen_token_mask
+from blipserve.engine.sampling import SeenRows
 from blipserve.model.t5 import CrossKeyValues, T5ForConditionalGeneration
 
 
@@ -107,7 +107,7 @@ class EncoderDecoderState:
         self.length = 0  # filled decoder slots
         start = torch.full((b, 1), config.decoder_start_token_id, device=batch.embeds.device)
         self.start_ids = start  # (B, 1)
-        self.seen = seen_token_mask(start, config.vocab_size) if track_seen else None
+        self.seen = SeenRows(start, config.vocab_size, track_seen)
 
     @property
     def batch_size(self) -> int:
@@ -127,20 +127,17 @@ class EncoderDecoderState:
         self.cross_kv.repeat_interleave(repeats)
         self.cache.repeat_interleave(repeats)
         self.encoder_mask = self.encoder_mask.repeat_interleave(repeats, dim=0)
-        if self.seen is not None:
-            self.seen = self.seen.repeat_interleave(repeats, dim=0)
+        self.seen.repeat_interleave(repeats)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]``. Beam parents stay within their image, whose
         rows share one encoder output: the cross-attention K/V need no reordering."""
         self.cache.select(index)
-        if self.seen is not None:
-            self.seen = self.seen.index_select(0, index)
+        self.seen.select(index)
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed one (N,) token per row; -> (N, V) logits for the next."""
-        if self.seen is not None:
-            mark_seen(self.seen, token_ids)
+        self.seen.mark(token_ids)
         return self._decode(token_ids[:, None])
 
     def _decode(self, token_ids: torch.Tensor) -> torch.Tensor:

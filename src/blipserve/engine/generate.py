@@ -44,13 +44,12 @@ from blipserve.engine.kv_cache import KVCache
 from blipserve.engine.params import GenerationParams
 from blipserve.engine.rows import check_prompt_rows
 from blipserve.engine.sampling import (
+    SeenRows,
     apply_repetition_penalty,
     apply_temperature,
     greedy_pick,
     make_generator,
-    mark_seen,
     sample,
-    seen_token_mask,
     suppress_tokens,
     top_k_filter,
     top_p_filter,
@@ -180,7 +179,7 @@ class DecodeState:
         self.key_mask[:, :length] = batch.key_mask
         self.next_position = batch.key_mask.sum(dim=1)  # (B,) real tokens so far
         self.length = length  # filled cache slots
-        self.seen = seen_token_mask(batch.history_ids, lm.config.vocab_size) if track_seen else None
+        self.seen = SeenRows(batch.history_ids, lm.config.vocab_size, track_seen)
 
     @property
     def batch_size(self) -> int:
@@ -203,19 +202,16 @@ class DecodeState:
         self.cache.repeat_interleave(repeats)
         self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
         self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
-        if self.seen is not None:
-            self.seen = self.seen.repeat_interleave(repeats, dim=0)
+        self.seen.repeat_interleave(repeats)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]``."""
         self.cache.select(index)
-        if self.seen is not None:
-            self.seen = self.seen.index_select(0, index)
+        self.seen.select(index)
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed one (N,) token per row; -> (N, V) logits for the next."""
-        if self.seen is not None:
-            mark_seen(self.seen, token_ids)
+        self.seen.mark(token_ids)
         self.key_mask[:, self.length] = True
         # A row past its last position has finished (its budget ran out): it steps on
         # padding, at the last position, while the others go on.
@@ -357,7 +353,7 @@ def _token_stream(
     finished = [False] * len(new_ids)
     done = torch.zeros(len(new_ids), dtype=torch.bool, device=device)  # finished, on device
     for num_new in range(max(budgets)):
-        scores = process_scores(logits.float(), state.seen, params, num_new, eos_ids)
+        scores = process_scores(logits.float(), state.seen.mask, params, num_new, eos_ids)
         tokens = sample(scores, generator) if params.do_sample else greedy_pick(scores)
         tokens = tokens.masked_fill(done, pad_token_id)  # finished rows step on padding
         for i, token in enumerate(tokens.tolist()):
@@ -402,7 +398,7 @@ def _beam_search(
     )
     while True:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        log_probs = process_scores(log_probs, state.seen, params, beams.step, eos_ids)
+        log_probs = process_scores(log_probs, state.seen.mask, params, beams.step, eos_ids)
         parent = beams.advance(log_probs, stop_checker)
         if beams.finished:
             break

@@ -8,7 +8,8 @@ For one decode step the engine applies, to float32 scores of shape (N, V):
 4. :func:`greedy_pick` or :func:`sample` (a per-request ``torch.Generator`` makes it repeatable).
 
 Which ids a row has "seen" is kept as a (N, V) bool mask (:func:`seen_token_mask`,
-:func:`mark_seen`) rather than a growing id list; the penalty is the same.
+:func:`mark_seen`) rather than a growing id list; the penalty is the same. The decode
+states keep theirs in a :class:`SeenRows`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,29 @@ def seen_token_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def mark_seen(seen: torch.Tensor, token_ids: torch.Tensor) -> None:
     """Record one new (N,) token per row in the (N, V) ``seen`` mask, in place."""
     seen[torch.arange(seen.shape[0], device=seen.device), token_ids] = True
+
+
+class SeenRows:
+    """The ids each row of a decode state has seen, as a (N, V) ``mask`` (None when the
+    repetition penalty is off); it follows the rows as they widen and are reordered."""
+
+    def __init__(self, ids: torch.Tensor, vocab_size: int, track: bool) -> None:
+        self.mask = seen_token_mask(ids, vocab_size) if track else None
+
+    def repeat_interleave(self, repeats: int | torch.Tensor) -> None:
+        """Each row becomes ``repeats`` consecutive rows (its beams or samples)."""
+        if self.mask is not None:
+            self.mask = self.mask.repeat_interleave(repeats, dim=0)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Row ``i`` becomes old row ``index[i]``."""
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+
+    def mark(self, token_ids: torch.Tensor) -> None:
+        """Record one new (N,) token per row."""
+        if self.mask is not None:
+            mark_seen(self.mask, token_ids)
 
 
 def apply_repetition_penalty(
