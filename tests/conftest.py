@@ -59,6 +59,23 @@ def tiny_checkpoint(checkpoint_root, reference_model):
     return checkpoints.save_checkpoint(reference_model, checkpoint_root, "sharded")
 
 
+@pytest.fixture(scope="session")
+def t5_checkpoint_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("t5-checkpoints")
+
+
+@pytest.fixture(scope="session")
+def t5_reference_model(t5_checkpoint_root):
+    """transformers' BLIP-2 Flan-T5 with small random weights (config variant 0)."""
+    return checkpoints.build_t5_reference(t5_checkpoint_root, variant=0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_checkpoint(t5_checkpoint_root, t5_reference_model):
+    """The Flan-T5 reference model saved as a sharded-safetensors checkpoint directory."""
+    return checkpoints.save_checkpoint(t5_reference_model, t5_checkpoint_root, "sharded")
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint):
     """The tiny checkpoint loaded on CPU in float32 (one per test module)."""

@@ -28,18 +28,18 @@ MAX_NEW = 10
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("t5-checkpoints")
+def root(t5_checkpoint_root):
+    return t5_checkpoint_root
 
 
 @pytest.fixture(scope="module")
-def reference(root):
-    return checkpoints.build_t5_reference(root, variant=0, seed=0)
+def reference(t5_reference_model):
+    return t5_reference_model
 
 
 @pytest.fixture(scope="module")
-def checkpoint(root, reference):
-    return checkpoints.save_checkpoint(reference, root, "sharded")
+def checkpoint(tiny_t5_checkpoint):
+    return tiny_t5_checkpoint
 
 
 @pytest.fixture(scope="module")

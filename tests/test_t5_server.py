@@ -20,7 +20,6 @@ from blipserve.engine.scheduler import Job, Scheduler, TokenOut
 from blipserve.processing.prompts import chat_prompt
 from blipserve.server.app import create_app
 from blipserve.server.settings import ServerSettings
-from blipserve.testing import checkpoints
 from tests.examples import png_bytes
 from tests.live_server import live_server
 
@@ -29,11 +28,8 @@ MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def t5_pipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("t5-server")
-    reference = checkpoints.build_t5_reference(root, variant=0, seed=0)
-    directory = checkpoints.save_checkpoint(reference, root, "single")
-    return blipserve.load(str(directory), device="cpu", dtype="float32")
+def t5_pipe(tiny_t5_checkpoint):
+    return blipserve.load(str(tiny_t5_checkpoint), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,11 @@ from blipserve.train import stage2
 from blipserve.train.checkpoint import assemble
 from blipserve.train.data import (
     IGNORE_INDEX,
-    CaptionDataset,
-    Collate,
     TrainExample,
     encode_encoder_decoder_example,
 )
-from blipserve.train.stage2 import TrainConfig, shift_right, stage2_loss, train_stage2
+from blipserve.train.stage2 import TrainConfig, shift_right, stage2_loss
+from tests.stage2_runs import load_cpu, mean_loss, one_batch, run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,10 +53,6 @@ def checkpoint(root):
     return checkpoints.save_checkpoint(reference, root, "single")
 
 
-def load_cpu(directory) -> blipserve.Pipeline:
-    return blipserve.load(str(directory), device="cpu", dtype="float32", exif_transpose=False)
-
-
 def fresh_start(checkpoint) -> blipserve.Pipeline:
     """The checkpoint's image encoder and T5 around a freshly initialised Q-Former of the
     same shape: stage 2's starting point."""
@@ -82,36 +77,6 @@ def examples(photos) -> list[TrainExample]:
     ]
 
 
-def one_batch(pipe, examples):
-    eos = pipe.defaults.eos_token_ids[0]
-    dataset = CaptionDataset(
-        examples, pipe.tokenizer, pipe.image_processor, eos_token_id=eos, encoder_decoder=True
-    )
-    return Collate(pipe.defaults.pad_token_id)([dataset[i] for i in range(len(dataset))])
-
-
-def mean_loss(pipe, examples) -> float:
-    batch = one_batch(pipe, examples)
-    with torch.no_grad():
-        loss = stage2_loss(
-            pipe.model, batch.pixel_values, batch.input_ids, batch.attention_mask, batch.labels
-        )
-    return loss.item()
-
-
-def run_training(pipe, examples, output_dir, **kwargs):
-    return train_stage2(
-        pipe.model,
-        pipe.tokenizer,
-        pipe.image_processor,
-        examples,
-        RUN,
-        output_dir=output_dir,
-        generation_config=pipe.generation_config(),
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
 def trained(checkpoint, examples, tmp_path_factory):
     """(pipeline, state before, loss before, result): one 12-step run, evaluated at the end."""
@@ -119,7 +84,7 @@ def trained(checkpoint, examples, tmp_path_factory):
     before = {name: t.clone() for name, t in pipe.model.state_dict().items()}
     loss_before = mean_loss(pipe, examples)
     output_dir = tmp_path_factory.mktemp("t5-run") / "out"
-    result = run_training(pipe, examples, output_dir, eval_examples=examples)
+    result = run_training(pipe, examples, RUN, output_dir, eval_examples=examples)
     return pipe, before, loss_before, result
 
 
@@ -225,14 +190,14 @@ def test_resume_reproduces_the_uninterrupted_run(
 
     monkeypatch.setattr(stage2, "stage2_loss", crash_at_step_9)
     with pytest.raises(KeyboardInterrupt):
-        run_training(fresh_start(checkpoint), examples, tmp_path)
+        run_training(fresh_start(checkpoint), examples, RUN, tmp_path)
     assert stage2.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-000006"
     with pytest.raises(InvalidRequest, match="resume"):
-        run_training(fresh_start(checkpoint), examples, tmp_path)
+        run_training(fresh_start(checkpoint), examples, RUN, tmp_path)
 
     monkeypatch.setattr(stage2, "stage2_loss", real_loss)
     pipe = fresh_start(checkpoint)  # as a new process would: fresh parts
-    result = run_training(pipe, examples, tmp_path, resume=True)
+    result = run_training(pipe, examples, RUN, tmp_path, resume=True)
     assert result.step == 12 and result.losses == uninterrupted.losses
     final = load_cpu(uninterrupted.output_dir).model.state_dict()
     for name, tensor in pipe.model.state_dict().items():

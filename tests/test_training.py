@@ -49,6 +49,7 @@ from blipserve.train.stage2 import (
     warmup_cosine,
 )
 from tests.examples import png_bytes
+from tests.stage2_runs import load_cpu, mean_loss, run_training
 
 CAPTIONS = {
     "astronaut": "a woman in a space suit",
@@ -66,10 +67,6 @@ RUN = TrainConfig(
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def load_cpu(directory) -> blipserve.Pipeline:
-    return blipserve.load(str(directory), device="cpu", dtype="float32", exif_transpose=False)
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +113,6 @@ def assembled(checkpoint) -> tuple[blipserve.Pipeline, torch.nn.Module]:
     return pipe, model
 
 
-def run_training(pipe, examples, output_dir, **kwargs):
-    return train_stage2(
-        pipe.model,
-        pipe.tokenizer,
-        pipe.image_processor,
-        examples,
-        RUN,
-        output_dir=output_dir,
-        generation_config=pipe.generation_config(),
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint, examples, tmp_path_factory):
     """(pipeline, state before, loss before, result): one 20-step run, checkpoints at 10
@@ -137,20 +121,8 @@ def trained(tiny_checkpoint, examples, tmp_path_factory):
     before = {name: t.clone() for name, t in model.state_dict().items()}
     loss_before = mean_loss(pipe, examples)
     output_dir = tmp_path_factory.mktemp("run") / "out"
-    result = run_training(pipe, examples, output_dir, eval_examples=examples)
+    result = run_training(pipe, examples, RUN, output_dir, eval_examples=examples)
     return pipe, before, loss_before, result
-
-
-def mean_loss(pipe, examples) -> float:
-    """Mean caption-token loss over ``examples`` in one batch."""
-    eos = pipe.defaults.eos_token_ids[0]
-    dataset = CaptionDataset(examples, pipe.tokenizer, pipe.image_processor, eos_token_id=eos)
-    batch = Collate(pipe.defaults.pad_token_id)([dataset[i] for i in range(len(dataset))])
-    with torch.no_grad():
-        loss = stage2_loss(
-            pipe.model, batch.pixel_values, batch.input_ids, batch.attention_mask, batch.labels
-        )
-    return loss.item()
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -294,10 +266,10 @@ def test_resume_reproduces_the_uninterrupted_run(
 
     monkeypatch.setattr(stage2, "stage2_loss", crash_at_step_15)
     with pytest.raises(KeyboardInterrupt):
-        run_training(pipe, examples, tmp_path)
+        run_training(pipe, examples, RUN, tmp_path)
     assert stage2.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-000010"
     with pytest.raises(InvalidRequest, match="resume"):
-        run_training(pipe, examples, tmp_path)  # refuses to overwrite the run
+        run_training(pipe, examples, RUN, tmp_path)  # refuses to overwrite the run
 
     resumed_calls = []
 
@@ -307,7 +279,7 @@ def test_resume_reproduces_the_uninterrupted_run(
 
     monkeypatch.setattr(stage2, "stage2_loss", counted)
     pipe, model = assembled(tiny_checkpoint)  # as a new process would: fresh parts
-    result = run_training(pipe, examples, tmp_path, resume=True)
+    result = run_training(pipe, examples, RUN, tmp_path, resume=True)
     assert len(resumed_calls) == 10  # steps 11-20 only
     assert result.step == 20 and result.losses == uninterrupted.losses
     final = load_cpu(uninterrupted.output_dir).model.state_dict()

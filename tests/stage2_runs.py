@@ -1,0 +1,57 @@
+"""What the OPT and Flan-T5 stage-2 tests share: loading on the CPU, one batch of examples
+as the trainer encodes them, its mean loss, and a run of ``train_stage2``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import blipserve
+from blipserve.train.data import Batch, CaptionDataset, Collate, TrainExample
+from blipserve.train.stage2 import TrainConfig, TrainResult, stage2_loss, train_stage2
+
+
+def load_cpu(directory) -> blipserve.Pipeline:
+    return blipserve.load(str(directory), device="cpu", dtype="float32", exif_transpose=False)
+
+
+def one_batch(pipe: blipserve.Pipeline, examples: list[TrainExample]) -> Batch:
+    """All ``examples`` in one batch, encoded for the pipeline's kind of language model."""
+    dataset = CaptionDataset(
+        examples,
+        pipe.tokenizer,
+        pipe.image_processor,
+        eos_token_id=pipe.defaults.eos_token_ids[0],
+        encoder_decoder=pipe.model.config.is_encoder_decoder,
+    )
+    return Collate(pipe.defaults.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def mean_loss(pipe: blipserve.Pipeline, examples: list[TrainExample]) -> float:
+    """Mean target-token loss over ``examples`` in one batch."""
+    batch = one_batch(pipe, examples)
+    with torch.no_grad():
+        loss = stage2_loss(
+            pipe.model, batch.pixel_values, batch.input_ids, batch.attention_mask, batch.labels
+        )
+    return loss.item()
+
+
+def run_training(
+    pipe: blipserve.Pipeline,
+    examples: list[TrainExample],
+    run: TrainConfig,
+    output_dir: Path,
+    **kwargs,
+) -> TrainResult:
+    return train_stage2(
+        pipe.model,
+        pipe.tokenizer,
+        pipe.image_processor,
+        examples,
+        run,
+        output_dir=output_dir,
+        generation_config=pipe.generation_config(),
+        **kwargs,
+    )
