@@ -3,6 +3,9 @@ as the trainer encodes them, its mean loss, and a run of ``train_stage2``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -55,3 +58,21 @@ def run_training(
         generation_config=pipe.generation_config(),
         **kwargs,
     )
+
+
+def train_command(
+    checkpoint: Path, directory: Path, *extra: str, eval_data: bool = True
+) -> subprocess.CompletedProcess:
+    """``blipserve train`` for 2 steps on ``directory``/data.csv (also its eval data unless
+    ``eval_data`` is false), saving every step to ``directory``/out, on one CPU thread;
+    ``extra`` arguments last."""
+    data = str(directory / "data.csv")
+    command = [
+        sys.executable, "-m", "blipserve", "train", "--model", str(checkpoint), "--data", data,
+        *(["--eval-data", data] if eval_data else []),
+        "--output", str(directory / "out"), "--steps", "2", "--batch-size", "2",
+        "--warmup-steps", "1", "--save-every", "1", "--device", "cpu", "--dtype", "float32",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

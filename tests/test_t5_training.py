@@ -5,9 +5,6 @@ transformers and blipserve; ``blipserve train`` on it through the command line."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +23,7 @@ from blipserve.train.data import (
     encode_encoder_decoder_example,
 )
 from blipserve.train.stage2 import TrainConfig, shift_right, stage2_loss
-from tests.stage2_runs import load_cpu, mean_loss, one_batch, run_training
+from tests.stage2_runs import load_cpu, mean_loss, one_batch, run_training, train_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,14 +208,7 @@ def test_train_command_on_a_t5_checkpoint(checkpoint, photos, tmp_path):
         "image,caption,prompt\nchelsea.png,a cat,\ncoffee.png,coffee,what is it?\n"
     )
     output = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "blipserve", "train", "--model", str(checkpoint),
-        "--data", str(tmp_path / "data.csv"), "--eval-data", str(tmp_path / "data.csv"),
-        "--output", str(output), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1",
-        "--save-every", "1", "--device", "cpu", "--dtype", "float32", "--no-progress",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = train_command(checkpoint, tmp_path)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])
     assert summary["steps"] == 2 and 0.0 <= summary["eval_accuracy"] <= 1.0

@@ -49,7 +49,7 @@ from blipserve.train.stage2 import (
     warmup_cosine,
 )
 from tests.examples import png_bytes
-from tests.stage2_runs import load_cpu, mean_loss, run_training
+from tests.stage2_runs import load_cpu, mean_loss, run_training, train_command
 
 CAPTIONS = {
     "astronaut": "a woman in a space suit",
@@ -460,14 +460,7 @@ def test_train_command_end_to_end(tiny_checkpoint, tmp_path):
         "image,caption\nred.png,a red square\nblue.png,a blue square\n"
     )
     output = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "blipserve", "train", "--model", str(tiny_checkpoint),
-        "--data", str(tmp_path / "data.csv"), "--eval-data", str(tmp_path / "data.csv"),
-        "--output", str(output), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1",
-        "--save-every", "1", "--device", "cpu", "--dtype", "float32", "--no-progress",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = train_command(tiny_checkpoint, tmp_path)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])
     assert summary["steps"] == 2 and summary["output"] == str(output)
@@ -475,15 +468,11 @@ def test_train_command_end_to_end(tiny_checkpoint, tmp_path):
     assert (output / "checkpoint-000001" / "training_state.pt").is_file()
     assert load_cpu(output).caption([tmp_path / "red.png"], max_new_tokens=3)
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    again = train_command(tiny_checkpoint, tmp_path)
     assert again.returncode == 1 and "add --resume" in again.stderr
     assert "resume=True" not in again.stderr  # the command's words, not the library's
 
-    resume = command[:]
-    del resume[resume.index("--eval-data") : resume.index("--eval-data") + 2]
-    resumed = subprocess.run(
-        [*resume, "--resume", "--steps", "3"], capture_output=True, text=True, timeout=300, env=env
-    )
+    resumed = train_command(tiny_checkpoint, tmp_path, "--resume", "--steps", "3", eval_data=False)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout.splitlines()[-1])
     assert summary["steps"] == 3 and "eval_loss" not in summary  # no stale evaluation
