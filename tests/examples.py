@@ -26,11 +26,11 @@ def draw(shape: str, color: str, box: tuple[int, int, int, int]) -> Image.Image:
 
 
 def red_circle() -> Image.Image:
-    return draw("circle", "red", (85, 85, 139, 139))  # centre, radius 27 of 224: "big"
+    return draw("circle", "red", (67, 67, 157, 157))  # centre, 90 px of 224: "big"
 
 
 def blue_square() -> Image.Image:
-    return draw("square", "blue", (26, 26, 50, 50))  # top left, small
+    return draw("square", "blue", (26, 26, 56, 56))  # top left, 30 px of 224: "small"
 
 
 def png_bytes(image: Image.Image | str, size: tuple[int, int] = (8, 8)) -> bytes:

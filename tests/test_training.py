@@ -497,7 +497,7 @@ def test_train_starts_from_the_demo_model_by_default(tmp_path):
 
 
 def test_train_command_reads_synthetic_scenes_and_tables(tmp_path):
-    """``--synthetic N`` adds N generated scenes (a caption and two questions each)."""
+    """``--synthetic N`` adds N generated scenes (a caption and three questions each)."""
     import argparse
 
     from blipserve.train.main import training_examples
@@ -506,7 +506,7 @@ def test_train_command_reads_synthetic_scenes_and_tables(tmp_path):
     (tmp_path / "data.csv").write_text("image,caption\nred.png,a red square\n")
     args = argparse.Namespace(data=str(tmp_path / "data.csv"), synthetic=4, synthetic_seed=3)
     examples = training_examples(args)
-    assert len(examples) == 1 + 4 * 3
+    assert len(examples) == 1 + 4 * 4
     assert examples[0].caption == "a red square"
     prompts = [e.prompt for e in examples[1:]]
     assert prompts.count("") == 4 and all(p.startswith("Question: ") for p in prompts if p)

@@ -7,27 +7,36 @@ Q-Former (with its query tokens and projection) trained in stage 2 by
 :func:`blipserve.train.stage2.train_stage2`, the same code users fine-tune with.
 
 1. tokenizer: a byte-level BPE trained on the synthetic captions and questions (seed 1);
-2. image encoder: a small ViT pre-trained to name the contents of each grid cell (seed 2);
-3. language model: a small OPT decoder pre-trained on captions and answers, each after the
-   scene written as 9 cell tokens (seed 1; see :mod:`blipserve.train.pretrain`), then
-   checked alone: given the true cell tokens, how often are its captions and answers right;
-4. stage 2: frozen 2 and 3, a new Q-Former trained on captioning and VQA samples (seed 3);
-5. evaluation on held-out scenes (seed 1000, never used in training).
+2. image encoder and Q-Former: a small ViT pre-trained together with a Q-Former of 4
+   queries to read each scene from pixels: its layout, its objects in caption order, and
+   which object covers each patch (seed 2; BLIP-2's stage 1 in spirit, see
+   :mod:`blipserve.train.pretrain`);
+3. language model: a small OPT decoder pre-trained on captions, answers and conversations,
+   each after the scene written as 4 scene tokens (seed 1; see
+   :mod:`blipserve.train.pretrain`), then checked alone: given the true scene tokens, how
+   often are its captions and answers right;
+4. stage 2: frozen image encoder and language model, the Q-Former of step 2 with a new
+   projection trained on captioning and VQA samples (seed 3);
+5. evaluation on held-out scenes (seed 1000, never used in training) and on scenes drawn
+   independently of the generator (:mod:`blipserve.train.drawn`).
 
-Every step is seeded and runs on the CPU in float32 with one thread (thread count changes
-the order of floating-point sums), so the same command rebuilds the same weights on the
-same software versions.
+Every step is seeded and runs on the CPU in float32 with a fixed thread count (one each
+for steps 2 and 3, which run side by side; ``stage2_threads`` for stage 2; the count
+changes the order of floating-point sums), so the same command rebuilds the same weights
+on the same software versions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -35,55 +44,64 @@ import torch
 
 from blipserve.api import Pipeline, load
 from blipserve.generation_config import CheckpointDefaults
-from blipserve.model.opt import OPTConfig
+from blipserve.model.opt import OPTConfig, OPTForCausalLM
 from blipserve.model.qformer import QFormerConfig
-from blipserve.model.vision import VisionConfig
+from blipserve.model.vision import VisionConfig, VisionTransformer
 from blipserve.processing.image_processor import BLIP2_PREPROCESSOR_CONFIG, ImageProcessor
 from blipserve.processing.tokenizer import Tokenizer
 from blipserve.train.bpe import write_bpe_tokenizer
 from blipserve.train.checkpoint import assemble, save_checkpoint
-from blipserve.train.evaluate import EvalReport, evaluate_language_model, evaluate_synthetic
+from blipserve.train.evaluate import (
+    EvalReport,
+    evaluate_drawn,
+    evaluate_language_model,
+    evaluate_synthetic,
+)
 from blipserve.train.pretrain import (
     PretrainSettings,
+    patch_labels,
     pretrain_language_model,
     pretrain_vision,
 )
 from blipserve.train.stage2 import TrainConfig, train_stage2
 from blipserve.train.synthetic import (
-    CELL_TOKENS,
-    caption,
-    cell_labels,
+    SCENE_LENGTH,
+    SCENE_TOKENS,
     corpus,
-    questions,
     render,
+    scene_labels,
     scenes,
     synthetic_examples,
-    vqa_prompt,
+    texts,
 )
 
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    image_size: int = 96
+    image_size: int = 112
     patch_size: int = 16
     hidden: int = 128
     vision_layers: int = 4
     qformer_layers: int = 4
     text_layers: int = 4
     heads: int = 4
-    num_query_tokens: int = 9  # one per grid cell, as the language model's prefix
-    vocab_size: int = 400
+    num_query_tokens: int = SCENE_LENGTH  # one per scene token, the language model's prefix
+    max_positions: int = 256  # room for a conversation of several turns
+    vocab_size: int = 512
     tokenizer_scenes: int = 3000
-    vision_scenes: int = 8000
-    vision_steps: int = 2000
-    text_scenes: int = 6000
-    text_steps: int = 8000
+    vision_scenes: int = 12000
+    vision_steps: int = 3000
+    text_scenes: int = 10000
+    text_steps: int = 4000
     text_lr: float = 1e-3
-    stage2_scenes: int = 4000
+    stage2_scenes: int = 8000
     stage2_steps: int = 6000
     stage2_batch: int = 48
     stage2_lr: float = 1e-3
+    stage2_threads: int = 2  # steps 2 and 3 use one core each; stage 2 has both
+    stage2_follow_ups: float = 0.05  # conversations are the language model's to learn
     eval_scenes: int = 500
+    drawn_scenes: int = 300
     oracle_scenes: int = 200
 
 
@@ -100,94 +118,72 @@ def build(
     timings: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="blipserve-demo-"))
 
+    mark = started
+
     def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+        nonlocal mark
+        now = time.perf_counter()
+        timings[name] = round(now - mark, 1)
+        mark = now
         print(f"[demo] {name}: {timings[name]} s", file=sys.stderr, flush=True)
 
     reused = _load_earlier(language_model_from) if language_model_from else None
     if reused is None:
-        tokenizer = Tokenizer.from_pretrained(
-            write_bpe_tokenizer(
-                corpus(recipe.tokenizer_scenes, 1),
-                work / "tokenizer",
-                vocab_size=recipe.vocab_size,
-                extra_special_tokens=CELL_TOKENS,
-            )
+        tokenizer_dir = write_bpe_tokenizer(
+            corpus(recipe.tokenizer_scenes, 1),
+            work / "tokenizer",
+            vocab_size=recipe.vocab_size,
+            extra_special_tokens=SCENE_TOKENS,
         )
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     else:
         tokenizer = reused.tokenizer
-    eos = tokenizer.encode("\n")[1]
-    processor = ImageProcessor.from_dict(
-        {
-            **BLIP2_PREPROCESSOR_CONFIG,
-            "size": {"height": recipe.image_size, "width": recipe.image_size},
-        }
-    )
     lap("tokenizer")
 
-    vision_config = VisionConfig(
-        hidden_size=recipe.hidden,
-        intermediate_size=2 * recipe.hidden,
-        num_hidden_layers=recipe.vision_layers,
-        num_attention_heads=recipe.heads,
-        image_size=recipe.image_size,
-        patch_size=recipe.patch_size,
-    )
-    train_scenes = scenes(recipe.vision_scenes, 2)
-    pixels = torch.cat([processor([render(s)]) for s in train_scenes])
-    labels = torch.tensor([cell_labels(s) for s in train_scenes])
-    classifier, cell_accuracy = pretrain_vision(
-        vision_config, pixels, labels, PretrainSettings(recipe.vision_steps, 64, 1e-3, seed=2)
-    )
-    del pixels
-    lap("image encoder")
-
+    qformer_config = _qformer_config(recipe)
+    # Steps 2 and 3 need nothing of each other: each runs in its own single-threaded
+    # process (so the weights stay the same as run one after the other).
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        vision_job = pool.submit(_pretrain_image_encoder, recipe, qformer_config)
+        text_job = pool.submit(_pretrain_text, recipe, tokenizer_dir) if reused is None else None
+        (vision_config, reader_state), scene_accuracy, timings["image encoder"] = (
+            vision_job.result()
+        )
+        if text_job is not None:
+            (text_config, text_state), text_loss, timings["language model"] = text_job.result()
+    reader_encoder = VisionTransformer(vision_config)
+    reader_encoder.load_state_dict(reader_state["encoder"])
     if reused is None:
-        text_config = OPTConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=recipe.hidden,
-            ffn_dim=4 * recipe.hidden,
-            num_hidden_layers=recipe.text_layers,
-            num_attention_heads=recipe.heads,
-            max_position_embeddings=64,
-            word_embed_proj_dim=recipe.hidden,
-            eos_token_id=eos,
-        )
-        language_model, text_loss = pretrain_language_model(
-            text_config,
-            tokenizer,
-            _text_pairs(recipe.text_scenes, 1),
-            PretrainSettings(recipe.text_steps, 64, recipe.text_lr, warmup_steps=200, seed=1),
-        )
+        language_model = OPTForCausalLM(text_config)
+        language_model.load_state_dict(text_state)
+        language_model.lm_head.weight = language_model.model.decoder.embed_tokens.weight
     else:
         language_model, text_loss = reused.model.language_model, float("nan")
+    processor = _processor(recipe)
+    eos = tokenizer.encode("\n")[1]
     oracle = evaluate_language_model(language_model, tokenizer, recipe.oracle_scenes)
-    print(f"[demo] language model reading true cell tokens: {oracle.summary()}", file=sys.stderr)
-    lap("language model")
+    print(f"[demo] language model reading true scene tokens: {oracle.summary()}", file=sys.stderr)
+    lap("steps 2 and 3, in parallel")
 
-    qformer_config = QFormerConfig(
-        hidden_size=recipe.hidden,
-        num_hidden_layers=recipe.qformer_layers,
-        num_attention_heads=recipe.heads,
-        intermediate_size=2 * recipe.hidden,
-        cross_attention_frequency=1,
-        encoder_hidden_size=recipe.hidden,
-    )
     model = assemble(
-        classifier.encoder,
+        reader_encoder,
         language_model,
         qformer_config,
         num_query_tokens=recipe.num_query_tokens,
         image_token_index=tokenizer.image_token_id,
         seed=3,
     )
+    model.qformer.load_state_dict(reader_state["qformer"])  # stage 2 starts from the reader's
+    with torch.no_grad():
+        model.query_tokens.copy_(reader_state["query_tokens"])
     generation_config = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": eos,
         "pad_token_id": tokenizer.pad_token_id,
         "max_new_tokens": 40,
     }
-    examples = synthetic_examples(recipe.stage2_scenes, 3)
+    examples = synthetic_examples(recipe.stage2_scenes, 3, follow_ups=recipe.stage2_follow_ups)
+    torch.set_num_threads(recipe.stage2_threads)
     result = train_stage2(
         model,
         tokenizer,
@@ -214,22 +210,104 @@ def build(
     defaults = CheckpointDefaults.read(output, model.config)
     pipe = Pipeline(model, tokenizer, processor, defaults, name="demo")
     report = evaluate_synthetic(pipe, recipe.eval_scenes)
+    drawn = evaluate_drawn(pipe, recipe.drawn_scenes)
     lap("evaluation")
     record = {
         "recipe": asdict(recipe),
         "language_model_from": str(language_model_from) if language_model_from else None,
         "seconds": timings,
         "torch": torch.__version__,
-        "vision_cell_accuracy": round(cell_accuracy, 4),
+        "vision_scene_accuracy": round(scene_accuracy, 4),
         "text_final_loss": round(text_loss, 4),
         "text_oracle": _scores(oracle),
         "stage2_final_loss": round(result.final_loss, 4),
         "eval": _scores(report),
+        "drawn_eval": _scores(drawn),
     }
     (output / "build_record.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    print(report.summary(), file=sys.stderr)
+    print(report.summary(), drawn.summary(), sep="\n", file=sys.stderr)
     return record
+
+
+def _processor(recipe: DemoRecipe) -> ImageProcessor:
+    size = {"height": recipe.image_size, "width": recipe.image_size}
+    return ImageProcessor.from_dict({**BLIP2_PREPROCESSOR_CONFIG, "size": size})
+
+
+def _qformer_config(recipe: DemoRecipe) -> QFormerConfig:
+    return QFormerConfig(
+        hidden_size=recipe.hidden,
+        num_hidden_layers=recipe.qformer_layers,
+        num_attention_heads=recipe.heads,
+        intermediate_size=2 * recipe.hidden,
+        cross_attention_frequency=1,
+        encoder_hidden_size=recipe.hidden,
+    )
+
+
+def _pretrain_image_encoder(
+    recipe: DemoRecipe, qformer_config: QFormerConfig
+) -> tuple[tuple, float, float]:
+    """Step 2 (in a worker process): -> (config, {"encoder", "qformer": state dicts,
+    "query_tokens"}), scene accuracy, seconds."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    config = VisionConfig(
+        hidden_size=recipe.hidden,
+        intermediate_size=2 * recipe.hidden,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.heads,
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+    )
+    processor = _processor(recipe)
+    train_scenes = scenes(recipe.vision_scenes, 2)
+    side = recipe.image_size // recipe.patch_size
+    pixels = torch.cat([processor([render(s)]).half() for s in train_scenes])  # (N, 3, H, W)
+    labels = torch.tensor([scene_labels(s) for s in train_scenes])  # (N, 4)
+    slots, objects = zip(*(patch_labels(s, side) for s in train_scenes), strict=True)
+    reader, accuracy = pretrain_vision(
+        config,
+        qformer_config,
+        pixels,
+        labels,
+        torch.tensor(slots),  # (N, P)
+        torch.tensor(objects),  # (N, P)
+        PretrainSettings(recipe.vision_steps, 64, 1e-3, seed=2),
+    )
+    print(f"[demo] image encoder: scene accuracy {accuracy:.3f}", file=sys.stderr, flush=True)
+    state = {
+        "encoder": reader.encoder.state_dict(),
+        "qformer": reader.qformer.state_dict(),
+        "query_tokens": reader.query_tokens.detach(),
+    }
+    return (config, state), accuracy, round(time.perf_counter() - started, 1)
+
+
+def _pretrain_text(recipe: DemoRecipe, tokenizer_dir: Path) -> tuple[tuple, float, float]:
+    """Step 3 (in a worker process): -> (config, state dict), final loss, seconds."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    config = OPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=recipe.hidden,
+        ffn_dim=4 * recipe.hidden,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.heads,
+        max_position_embeddings=recipe.max_positions,
+        word_embed_proj_dim=recipe.hidden,
+        eos_token_id=tokenizer.encode("\n")[1],
+    )
+    model, loss = pretrain_language_model(
+        config,
+        tokenizer,
+        _text_pairs(recipe.text_scenes, 1),
+        PretrainSettings(recipe.text_steps, 64, recipe.text_lr, warmup_steps=200, seed=1),
+    )
+    print(f"[demo] language model: final loss {loss:.4f}", file=sys.stderr, flush=True)
+    return (config, model.state_dict()), loss, round(time.perf_counter() - started, 1)
 
 
 def _load_earlier(directory: Path) -> Pipeline:
@@ -241,6 +319,7 @@ def _scores(report: EvalReport) -> dict:
     return {
         "images": report.images,
         "caption_exact_match": round(report.caption_accuracy, 4),
+        "caption_objects_match": round(report.caption_objects_accuracy, 4),
         "vqa_exact_match": round(report.vqa_accuracy, 4),
         "vqa_by_question": {k: round(v, 4) for k, v in report.vqa_by_question.items()},
     }
@@ -248,13 +327,13 @@ def _scores(report: EvalReport) -> dict:
 
 def _text_pairs(count: int, seed: int) -> list:
     """(scene, prompt, target) triples for the language model: each caption (empty
-    prompt) and each question with its answer."""
+    prompt), and each kind of question with its answer, some in a conversation."""
     rng = random.Random(seed)
-    triples = []
-    for scene in scenes(count, seed):
-        triples.append((scene, "", caption(scene)))
-        triples += [(scene, vqa_prompt(q), a) for q, a in questions(scene, rng)]
-    return triples
+    return [
+        (scene, prompt, target)
+        for scene in scenes(count, seed)
+        for prompt, target in texts(scene, rng, questions_per_scene=8)
+    ]
 
 
 def _recipe(overrides: list[str]) -> DemoRecipe:

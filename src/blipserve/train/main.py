@@ -64,10 +64,15 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
-        "evaluate", help="exact-match caption and VQA accuracy on held-out synthetic scenes"
+        "evaluate",
+        help="exact-match caption and VQA accuracy on held-out generated scenes and on "
+        "independently drawn ones",
     )
     add_model_flags(evaluate, quantize=True)
     evaluate.add_argument("--count", type=int, default=500, help="held-out images (default 500)")
+    evaluate.add_argument(
+        "--drawn", type=int, default=300, help="independently drawn images (default 300; 0: none)"
+    )
     evaluate.add_argument("--seed", type=int, default=1000, help="scene seed (default: held out)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.set_defaults(run=run_evaluate)
@@ -182,15 +187,29 @@ def training_examples(args: argparse.Namespace) -> list[TrainExample]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from blipserve.api import load
-    from blipserve.train.evaluate import evaluate_synthetic
+    from blipserve.train.evaluate import evaluate_drawn, evaluate_synthetic
 
     if args.count < 1:
         raise BlipserveError("--count must be at least 1")
+    if args.drawn < 0:
+        raise BlipserveError("--drawn must be 0 or more")
     pipe = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    report = evaluate_synthetic(pipe, args.count, args.seed)
+    reports = {"generated": evaluate_synthetic(pipe, args.count, args.seed)}
+    if args.drawn:
+        reports["drawn"] = evaluate_drawn(pipe, args.drawn)
     if args.json:
-        fields = ("images", "caption_accuracy", "vqa_accuracy", "vqa_by_question")
-        print(json.dumps({name: getattr(report, name) for name in fields}), flush=True)
+        fields = (
+            "images",
+            "caption_accuracy",
+            "caption_objects_accuracy",
+            "vqa_accuracy",
+            "vqa_by_question",
+        )
+        as_dicts = {
+            set_name: {name: getattr(report, name) for name in fields}
+            for set_name, report in reports.items()
+        }
+        print(json.dumps(as_dicts), flush=True)
     else:
-        print(report.summary(), flush=True)
+        print("\n\n".join(report.summary() for report in reports.values()), flush=True)
     return 0

@@ -1,27 +1,35 @@
 """Synthetic scenes with exact captions and question/answer pairs, deterministic from a seed.
 
-A scene is 1 to 3 objects on a 3x3 grid, each a distinct shape in a distinct colour, small
-or big, on a plain, tinted or noisy background. Layouts are chosen so every description
-is unambiguous:
+The demo model's whole world (docs/demo-model.md states it for users):
 
-- one object:    "a big red circle"
-- two objects:   same row or same column: "a small red circle to the left of a big blue
-                 square", "a big green star above a small yellow triangle"
-- three objects: one row or one column, listed left to right or top to bottom:
-                 "a small red circle, a big blue square and a small green star in a row"
+- 1 to 3 filled shapes (circle, square, triangle, star) in 6 colours, each colour drawn
+  from a range of shades; any shape and colour may repeat;
+- sizes measured against the image: an object's longer side is 10-22% of the image's
+  ("small") or 34-66% ("big"); no scene has an object in the gap between;
+- anywhere in the image, slightly rotated (up to 12 degrees), anti-aliased or not;
+- two or three objects stand in one row (left to right, clearly apart, centres at about
+  one height) or one column (top to bottom), so the caption's order is never ambiguous:
+  "a big red circle", "a small red circle to the left of a big blue square",
+  "a big green star above a small yellow triangle",
+  "a small red circle, a big blue square and a small green star in a row";
+- light backgrounds: white, light grey, a pale tint, or any of them with pixel noise.
 
-Questions cover colour, shape, size, count, position and yes/no, each with one right answer:
-"what color is the circle?" -> "red", "how many objects are there?" -> "two",
-"where is the star?" -> "top left", "is there a blue square?" -> "yes".
-This is the demo model's whole world; its tests can tell a right answer from a wrong one.
+Questions come in several phrasings per kind (:func:`questions`), each with one right
+answer: colour ("what colour is the circle?" -> "red"), shape ("what shape is it?"),
+size, count ("how many circles are there?" -> "two"), yes/no ("is there a blue square?"),
+position ("where is the star?" -> "on the left"), a description ("what is in the
+picture?" -> the caption) and questions from outside this world ("who is this?"), whose
+answer is "i don't know".
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -29,21 +37,31 @@ from PIL import Image, ImageDraw, ImageFilter
 from blipserve.train.data import TrainExample
 
 SHAPES = ("circle", "square", "triangle", "star")
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (35, 160, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 205, 30),
-    "purple": (135, 55, 175),
-    "orange": (245, 135, 25),
+# Each colour is a box in HSV: hue range (fractions of the circle, red wraps past 0),
+# saturation range, value range. Every shade inside is that colour and no other's.
+COLOR_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
+    "red": ((-0.03, 0.03), (0.65, 1.0), (0.65, 1.0)),
+    "orange": ((0.065, 0.1), (0.75, 1.0), (0.88, 1.0)),
+    "yellow": ((0.135, 0.17), (0.7, 1.0), (0.85, 1.0)),
+    "green": ((0.25, 0.42), (0.6, 1.0), (0.45, 0.85)),
+    "blue": ((0.56, 0.67), (0.6, 1.0), (0.6, 1.0)),
+    "purple": ((0.75, 0.83), (0.5, 0.9), (0.45, 0.8)),
 }
+COLORS = tuple(COLOR_RANGES)
 SIZES = ("small", "big")
-GRID = 3
-ROW_NAMES = ("top", "middle", "bottom")
-COLUMN_NAMES = ("left", "center", "right")
+SIZE_RANGES = {"small": (0.10, 0.22), "big": (0.34, 0.66)}  # longer side / image side
+LAYOUTS = ("single", "row", "column")
+BACKGROUNDS = ("white", "grey", "tinted", "noisy")
+MAX_ROTATION = 12.0  # degrees, either way
+# Turned by up to 12 degrees, a shape's bounding box grows by up to cos 12 + sin 12 = 1.19
+# times (a square's); places are planned with this footprint so nothing leaves the image
+# or comes nearer a neighbour than GAP.
+ROTATED = 1.19
+MARGIN = 0.03  # empty border, fraction of the image
+GAP = 0.05  # least space between neighbours in a row or column
 COUNT_WORDS = ("zero", "one", "two", "three")
+DONT_KNOW = "i don't know"
 RENDER_SIZE = 192  # pixels; the model's image processor resizes to its own input size
-SIZE_RADIUS = {"small": 0.2, "big": 0.36}  # radius as a fraction of a grid cell
 
 
 @dataclass(frozen=True)
@@ -51,18 +69,33 @@ class SceneObject:
     shape: str
     color: str
     size: str
-    row: int  # 0 top .. 2 bottom
-    col: int  # 0 left .. 2 right
+    extent: float  # longer side of the upright shape, fraction of the image side
+    center: tuple[float, float]  # (x, y), fractions of the image, y downwards
+    angle: float  # rotation, degrees
+    rgb: tuple[int, int, int]
 
     def phrase(self) -> str:
         return f"a {self.size} {self.color} {self.shape}"
 
+    @property
+    def label(self) -> str:
+        """ "big-red-circle": what the scene language calls this object."""
+        return f"{self.size}-{self.color}-{self.shape}"
+
 
 @dataclass(frozen=True)
 class Scene:
-    objects: tuple[SceneObject, ...]  # in caption order: left to right, then top to bottom
-    background: str  # "plain" | "tinted" | "noisy"
-    seed: int  # drives rendering details (jitter, tints, noise)
+    objects: tuple[SceneObject, ...]  # in caption order: left to right or top to bottom
+    layout: str  # "single" | "row" | "column"
+    background: str  # one of BACKGROUNDS
+    antialias: bool
+    seed: int  # drives rendering details (background shade, noise)
+
+
+class QA(NamedTuple):
+    kind: str  # "color", "shape", "size", "count", "yes/no", "position", "describe", "unknown"
+    question: str
+    answer: str
 
 
 @dataclass(frozen=True)
@@ -70,7 +103,7 @@ class Sample:
     """One training or evaluation example: an image, a prompt and the exact target text."""
 
     image: Image.Image
-    prompt: str  # "" for captioning, "Question: ... Answer:" for VQA
+    prompt: str  # "" for captioning, "Question: ... Answer:" (after earlier turns) for VQA
     text: str
     scene: Scene
 
@@ -79,128 +112,404 @@ class Sample:
 
 
 def random_scene(rng: random.Random) -> Scene:
-    """Draw a scene: 1-3 objects with distinct shapes and colours on one row or column."""
-    count = rng.choice((1, 2, 2, 3, 3))
-    shapes = rng.sample(SHAPES, count)
-    colors = rng.sample(list(COLORS), count)
-    sizes = [rng.choice(SIZES) for _ in range(count)]
-    if count == 1:
-        cells = [(rng.randrange(GRID), rng.randrange(GRID))]
-    elif rng.random() < 0.5:  # one row, left to right
-        row = rng.randrange(GRID)
-        cells = [(row, col) for col in sorted(rng.sample(range(GRID), count))]
-    else:  # one column, top to bottom
-        col = rng.randrange(GRID)
-        cells = [(row, col) for row in sorted(rng.sample(range(GRID), count))]
+    """Draw a scene: 1-3 objects, alone or in one row or column, sizes that fit."""
+    count = rng.choice((1, 1, 2, 2, 2, 3, 3, 3))
+    layout = "single" if count == 1 else rng.choice(("row", "column"))
+    distinct = rng.random() < 0.6  # most scenes as before; the rest repeat shapes or colours
+    shapes = rng.sample(SHAPES, count) if distinct else [rng.choice(SHAPES) for _ in range(count)]
+    colors = rng.sample(COLORS, count) if distinct else [rng.choice(COLORS) for _ in range(count)]
+    while True:
+        sizes = [rng.choice(SIZES) for _ in range(count)]
+        extents = [rng.uniform(*SIZE_RANGES[s]) for s in sizes]
+        if ROTATED * sum(extents) + GAP * (count - 1) <= 1 - 2 * MARGIN:
+            break
+    centers = _place([ROTATED * e for e in extents], layout, rng)
     objects = tuple(
-        SceneObject(shape, color, size, row, col)
-        for shape, color, size, (row, col) in zip(shapes, colors, sizes, cells, strict=True)
+        SceneObject(
+            shape,
+            color,
+            size,
+            round(extent, 4),
+            (round(x, 4), round(y, 4)),
+            round(rng.uniform(-MAX_ROTATION, MAX_ROTATION), 2),
+            shade(color, rng),
+        )
+        for shape, color, size, extent, (x, y) in zip(
+            shapes, colors, sizes, extents, centers, strict=True
+        )
     )
-    background = rng.choice(("plain", "plain", "tinted", "noisy"))
-    return Scene(objects, background, rng.randrange(2**31))
+    return Scene(objects, layout, rng.choice(BACKGROUNDS), rng.random() < 0.6, rng.randrange(2**31))
 
 
-def is_row(scene: Scene) -> bool:
-    return len({o.row for o in scene.objects}) == 1
+def _place(extents: list[float], layout: str, rng: random.Random) -> list[tuple[float, float]]:
+    """Centres for objects of these footprints: along the layout's axis in order with at least
+    ``GAP`` between them, across it at about one line (jitter under a fifth of the
+    smallest object), everything inside the margins."""
+    if layout == "single":
+        (extent,) = extents
+        low, high = MARGIN + extent / 2, 1 - MARGIN - extent / 2
+        return [(rng.uniform(low, high), rng.uniform(low, high))]
+    free = 1 - 2 * MARGIN - sum(extents) - GAP * (len(extents) - 1)
+    cuts = sorted(rng.uniform(0, free) for _ in range(len(extents)))
+    along, position, used = [], MARGIN, 0.0
+    for extent, cut in zip(extents, cuts, strict=True):
+        position += cut - used
+        used = cut
+        along.append(position + extent / 2)
+        position += extent + GAP
+    widest, smallest = max(extents), min(extents)
+    line = rng.uniform(MARGIN + widest / 2, 1 - MARGIN - widest / 2)
+    jitter = smallest / 5  # centres then differ by under 0.4 footprints: < half an extent
+    across = [
+        min(max(line + rng.uniform(-jitter, jitter), MARGIN + e / 2), 1 - MARGIN - e / 2)
+        for e in extents
+    ]
+    pairs = zip(along, across, strict=True)
+    return [(a, c) if layout == "row" else (c, a) for a, c in pairs]
+
+
+def shade(color: str, rng: random.Random) -> tuple[int, int, int]:
+    """A random shade of ``color`` from its HSV range."""
+    (h0, h1), (s0, s1), (v0, v1) = COLOR_RANGES[color]
+    r, g, b = colorsys.hsv_to_rgb(
+        rng.uniform(h0, h1) % 1.0, rng.uniform(s0, s1), rng.uniform(v0, v1)
+    )
+    return (round(r * 255), round(g * 255), round(b * 255))
 
 
 def caption(scene: Scene) -> str:
     """The one correct caption of ``scene``."""
     phrases = [o.phrase() for o in scene.objects]
-    if len(phrases) == 1:
+    if scene.layout == "single":
         return phrases[0]
     if len(phrases) == 2:
-        relation = "to the left of" if is_row(scene) else "above"
+        relation = "to the left of" if scene.layout == "row" else "above"
         return f"{phrases[0]} {relation} {phrases[1]}"
-    arrangement = "in a row" if is_row(scene) else "in a column"
+    arrangement = "in a row" if scene.layout == "row" else "in a column"
     return f"{phrases[0]}, {phrases[1]} and {phrases[2]} {arrangement}"
-
-
-def place_name(obj: SceneObject) -> str:
-    """Grid cell in words: "top left", "center", "middle right", "bottom center", ..."""
-    if (obj.row, obj.col) == (1, 1):
-        return "center"
-    return f"{ROW_NAMES[obj.row]} {COLUMN_NAMES[obj.col]}"
-
-
-def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """Question/answer pairs about ``scene``, one of each kind, every answer unambiguous."""
-    target = rng.choice(scene.objects)
-    present = {(o.color, o.shape) for o in scene.objects}
-    if rng.random() < 0.5:
-        asked = (target.color, target.shape)
-    else:  # a colour/shape combination that is not in the picture
-        asked = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
-    return [
-        (f"what color is the {target.shape}?", target.color),
-        (f"what shape is the {target.color} object?", target.shape),
-        (f"what size is the {target.shape}?", target.size),
-        ("how many objects are there?", COUNT_WORDS[len(scene.objects)]),
-        (f"where is the {target.shape}?", place_name(target)),
-        (f"is there a {asked[0]} {asked[1]}?", "yes" if asked in present else "no"),
-    ]
 
 
 def vqa_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
 
 
+# -- questions ---------------------------------------------------------------------------------
+
+DESCRIBE = (
+    "what is in the picture?",
+    "what is in the image?",
+    "what do you see?",
+    "what can you see?",
+    "describe the picture.",
+    "describe the image.",
+    "what is this?",
+)
+UNKNOWN = (
+    "who is this?",
+    "who made this picture?",
+    "what time is it?",
+    "what is the weather like?",
+    "where was this taken?",
+    "what is the man doing?",
+    "what is the woman holding?",
+    "what animal is this?",
+    "what breed is the dog?",
+    "what is the name of the {shape}?",
+    "why is the {shape} {color}?",
+    "what year is it?",
+    "how old is the {shape}?",
+    "what does the {shape} taste like?",
+    "what is the {shape} made of?",
+    "what is the capital of france?",
+    "how much does it cost?",
+    "what is your name?",
+    "what language is this?",
+    "what is the {color} {shape} thinking?",
+    "when was this made?",
+    "what game is this?",
+    "what sound does the {shape} make?",
+    "who drew the {shape}?",
+)
+REFERENCE_PARTS = (
+    ("shape",),
+    ("color", "shape"),
+    ("size", "shape"),
+    ("size", "color", "shape"),
+    ("color",),
+    ("size", "color"),
+)
+PLACES = {
+    "row": {
+        2: ("on the left", "on the right"),
+        3: ("on the left", "in the middle", "on the right"),
+    },
+    "column": {
+        2: ("at the top", "at the bottom"),
+        3: ("at the top", "in the middle", "at the bottom"),
+    },
+}
+
+
+def questions(scene: Scene, rng: random.Random) -> list[QA]:
+    """One question of each kind that fits ``scene``, phrasing drawn from ``rng``; every
+    answer is the only right one."""
+    asked = [
+        _color_question(scene, rng),
+        _shape_question(scene, rng),
+        _size_question(scene, rng),
+        _count_question(scene, rng),
+        _yes_no_question(scene, rng),
+        _position_question(scene, rng),
+        QA("describe", rng.choice(DESCRIBE), caption(scene)),
+        _unknown_question(scene, rng),
+    ]
+    return [qa for qa in asked if qa is not None]
+
+
+def _references(scene: Scene, leave_out: str) -> list[tuple[SceneObject, str]]:
+    """(object, words that pick out only it) pairs, never naming the ``leave_out``
+    property: "the circle", "the red circle", "the big red object", ..."""
+    found = []
+    for obj in scene.objects:
+        for parts in REFERENCE_PARTS:
+            if leave_out in parts:
+                continue
+            alike = [
+                o for o in scene.objects if all(getattr(o, p) == getattr(obj, p) for p in parts)
+            ]
+            if len(alike) == 1:
+                words = " ".join(getattr(obj, p) for p in parts)
+                found.append((obj, f"the {words}" if "shape" in parts else f"the {words} object"))
+    return found
+
+
+def _pick_reference(scene: Scene, leave_out: str, rng: random.Random):
+    choices = _references(scene, leave_out)
+    if len(scene.objects) == 1 and rng.random() < 0.5:
+        return scene.objects[0], "it"
+    return rng.choice(choices) if choices else (None, "")
+
+
+def _color_question(scene: Scene, rng: random.Random) -> QA | None:
+    obj, ref = _pick_reference(scene, "color", rng)
+    if obj is None:
+        return None
+    template = rng.choice(("what color is {}?", "what colour is {}?", "which color is {}?"))
+    return QA("color", template.format(ref), obj.color)
+
+
+def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
+    obj, ref = _pick_reference(scene, "shape", rng)
+    if obj is None:
+        return None
+    template = rng.choice(("what shape is {}?", "what kind of shape is {}?", "which shape is {}?"))
+    return QA("shape", template.format(ref), obj.shape)
+
+
+def _size_question(scene: Scene, rng: random.Random) -> QA | None:
+    obj, ref = _pick_reference(scene, "size", rng)
+    if obj is None:
+        return None
+    template = rng.choice(
+        ("what size is {}?", "is {} big or small?", "is {} small or big?", "how big is {}?")
+    )
+    return QA("size", template.format(ref), obj.size)
+
+
+def _count_question(scene: Scene, rng: random.Random) -> QA:
+    roll = rng.random()
+    if roll < 0.4:
+        question = rng.choice(
+            (
+                "how many objects are there?",
+                "how many shapes are there?",
+                "how many things are in the picture?",
+                "how many objects are in the image?",
+            )
+        )
+        return QA("count", question, COUNT_WORDS[len(scene.objects)])
+    if roll < 0.75:
+        shape = _mostly_present(scene, "shape", SHAPES, rng)
+        count = sum(o.shape == shape for o in scene.objects)
+        question = rng.choice(("how many {}s are there?", "how many {}s are in the picture?"))
+        return QA("count", question.format(shape), COUNT_WORDS[count])
+    color = _mostly_present(scene, "color", COLORS, rng)
+    count = sum(o.color == color for o in scene.objects)
+    question = rng.choice(("how many {} objects are there?", "how many {} shapes are there?"))
+    return QA("count", question.format(color), COUNT_WORDS[count])
+
+
+def _mostly_present(scene: Scene, field: str, values: tuple[str, ...], rng: random.Random) -> str:
+    """A value of ``field`` in the scene two times in three, else any value."""
+    if rng.random() < 2 / 3:
+        return getattr(rng.choice(scene.objects), field)
+    return rng.choice(values)
+
+
+def _yes_no_question(scene: Scene, rng: random.Random) -> QA:
+    target = rng.choice(scene.objects)
+    if rng.random() < 0.5:  # ask for what is there, else for a random combination
+        color, shape, size = target.color, target.shape, target.size
+    else:
+        color, shape, size = rng.choice(COLORS), rng.choice(SHAPES), rng.choice(SIZES)
+    form = rng.randrange(4)
+    if form == 0:
+        question = f"is there a {color} {shape}?"
+        present = any(o.color == color and o.shape == shape for o in scene.objects)
+    elif form == 1:
+        question = rng.choice((f"is there a {shape}?", f"is there a {shape} in the picture?"))
+        present = any(o.shape == shape for o in scene.objects)
+    elif form == 2:
+        question = f"is there anything {color}?"
+        present = any(o.color == color for o in scene.objects)
+    else:
+        question = f"is there a {size} {shape}?"
+        present = any(o.size == size and o.shape == shape for o in scene.objects)
+    return QA("yes/no", question, "yes" if present else "no")
+
+
+def _position_question(scene: Scene, rng: random.Random) -> QA | None:
+    if scene.layout == "single":
+        return None
+    places = PLACES[scene.layout][len(scene.objects)]
+    if rng.random() < 0.5:
+        obj, ref = _pick_reference(scene, "", rng)
+        if obj is None:
+            return None
+        return QA("position", f"where is {ref}?", places[scene.objects.index(obj)])
+    index = rng.randrange(len(scene.objects))
+    return QA("position", f"what is {places[index]}?", scene.objects[index].phrase())
+
+
+def _unknown_question(scene: Scene, rng: random.Random) -> QA:
+    obj = rng.choice(scene.objects)
+    return QA("unknown", rng.choice(UNKNOWN).format(shape=obj.shape, color=obj.color), DONT_KNOW)
+
+
+def conversation_prompt(turns: list[tuple[str, str]], question: str) -> str:
+    """Earlier (question, answer) turns then the new question, as ``blipserve chat`` writes
+    them: "Question: q1 Answer: a1 Question: q2 Answer:"."""
+    earlier = [f"{vqa_prompt(q)} {a}" for q, a in turns]
+    return " ".join([*earlier, vqa_prompt(question)])
+
+
 # -- rendering ---------------------------------------------------------------------------------
 
 
 def render(scene: Scene, size: int = RENDER_SIZE) -> Image.Image:
-    """Draw ``scene`` (anti-aliased by 2x supersampling, with background noise)."""
+    """Draw ``scene`` at ``size`` x ``size`` pixels."""
     rng = random.Random(scene.seed)
-    scale = 2
-    canvas = size * scale
-    image = Image.new("RGB", (canvas, canvas), _background_color(scene.background, rng))
+    scale = 3 if scene.antialias else 1
+    background = _background_color(scene.background, rng)
+    image = Image.new("RGB", (size * scale, size * scale), background)
     draw = ImageDraw.Draw(image)
-    cell = canvas / GRID
     for obj in scene.objects:
-        cx = (obj.col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
-        cy = (obj.row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
-        radius = SIZE_RADIUS[obj.size] * cell * rng.uniform(0.9, 1.1)
-        fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[obj.color])
-        _draw_shape(draw, obj.shape, cx, cy, radius, fill)
-    image = image.resize((size, size), Image.Resampling.LANCZOS)
+        draw.polygon(outline(obj, size * scale), fill=obj.rgb)
+    if scale > 1:
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
     if scene.background == "noisy":
         image = image.filter(ImageFilter.GaussianBlur(0.5))
-    return _add_noise(image, rng, sigma=8.0 if scene.background == "noisy" else 2.0)
+        return _add_noise(image, rng, sigma=rng.uniform(5.0, 12.0))
+    return _add_noise(image, rng, sigma=1.5)
+
+
+def object_map(scene: Scene, size: int) -> np.ndarray:
+    """(size, size) uint8: 0 where the background shows, else 1 + the index (in caption
+    order) of the object drawn there. The demo's image encoder learns to read it."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for index, obj in enumerate(scene.objects):
+        draw.polygon(outline(obj, size), fill=index + 1)
+    return np.asarray(canvas)
+
+
+def outline(obj: SceneObject, size: float) -> list[tuple[float, float]]:
+    """The object's outline as polygon points in pixels of a ``size``-pixel image."""
+    points = _UNIT_OUTLINES[obj.shape]
+    turn = math.radians(obj.angle)
+    cos, sin = math.cos(turn), math.sin(turn)
+    scale = obj.extent * size
+    cx, cy = obj.center[0] * size, obj.center[1] * size
+    return [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in points]
+
+
+def _unit_outlines() -> dict[str, list[tuple[float, float]]]:
+    """Each shape upright, centred on its bounding box, its longer side 1."""
+
+    def star_points() -> list[tuple[float, float]]:
+        return [
+            (
+                (1.0 if k % 2 == 0 else 0.42) * math.sin(k * math.pi / 5),
+                -(1.0 if k % 2 == 0 else 0.42) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
+
+    def fit(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        mx, my = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
+        side = max(max(xs) - min(xs), max(ys) - min(ys))
+        return [((x - mx) / side, (y - my) / side) for x, y in points]
+
+    circle = [(math.cos(2 * math.pi * k / 64), math.sin(2 * math.pi * k / 64)) for k in range(64)]
+    square = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    triangle = [(math.sin(a), -math.cos(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    return {
+        "circle": fit(circle),
+        "square": fit(square),
+        "triangle": fit(triangle),
+        "star": fit(star_points()),
+    }
+
+
+_UNIT_OUTLINES = _unit_outlines()
 
 
 def _background_color(kind: str, rng: random.Random) -> tuple[int, int, int]:
-    if kind == "plain":
-        level = rng.randint(235, 255)
+    base = rng.choice(("white", "grey", "tinted")) if kind == "noisy" else kind
+    if base == "white":
+        level = rng.randint(244, 255)
         return (level, level, level)
-    base = rng.randint(180, 235)  # a light, low-saturation tint never mistaken for an object
-    return tuple(min(255, base + rng.randint(-12, 12)) for _ in range(3))
-
-
-def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill) -> None:
-    """Upright shapes centred on (cx, cy) with outer radius ``r``."""
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        s = r * 0.9
-        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
-    elif shape == "triangle":
-        points = [(cx + r * math.sin(a), cy - r * math.cos(a)) for a in (0, 2.094, 4.189)]
-        draw.polygon(points, fill=fill)
-    elif shape == "star":
-        points = []
-        for k in range(10):
-            radius = r if k % 2 == 0 else r * 0.45
-            a = k * math.pi / 5
-            points.append((cx + radius * math.sin(a), cy - radius * math.cos(a)))
-        draw.polygon(points, fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
+    if base == "grey":
+        level = rng.randint(190, 236)
+        return (level, level, level)
+    level = rng.randint(195, 240)  # a pale, low-saturation tint never mistaken for an object
+    return tuple(min(255, level + rng.randint(-14, 14)) for _ in range(3))
 
 
 def _add_noise(image: Image.Image, rng: random.Random, sigma: float) -> Image.Image:
     noise = np.random.default_rng(rng.randrange(2**32)).normal(0.0, sigma, (*image.size[::-1], 3))
     pixels = np.asarray(image, dtype=np.float32) + noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+# -- the scene language ------------------------------------------------------------------------
+
+MAX_OBJECTS = 3
+NO_OBJECT = "none"
+OBJECT_LABELS: tuple[str, ...] = (
+    NO_OBJECT,
+    *(f"{size}-{color}-{shape}" for shape in SHAPES for color in COLORS for size in SIZES),
+)
+# The demo language model reads a scene as 4 tokens: its layout, then up to 3 objects in
+# caption order ("<obj:none>" after the last), where BLIP-2 puts the query outputs.
+SCENE_TOKENS: tuple[str, ...] = (
+    *(f"<layout:{layout}>" for layout in LAYOUTS),
+    *(f"<obj:{label}>" for label in OBJECT_LABELS),
+)
+SCENE_LENGTH = 1 + MAX_OBJECTS
+
+
+def scene_labels(scene: Scene) -> list[int]:
+    """[layout index, object label index x 3]: the scene as class labels."""
+    objects = [OBJECT_LABELS.index(o.label) for o in scene.objects]
+    return [LAYOUTS.index(scene.layout), *objects, *[0] * (MAX_OBJECTS - len(objects))]
+
+
+def scene_tokens(scene: Scene) -> list[str]:
+    """The scene in its own language: ``<layout:row> <obj:big-red-circle> ...``."""
+    layout, *objects = scene_labels(scene)
+    return [f"<layout:{LAYOUTS[layout]}>", *(f"<obj:{OBJECT_LABELS[i]}>" for i in objects)]
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -211,62 +520,57 @@ def scenes(count: int, seed: int) -> list[Scene]:
     return [random_scene(rng) for _ in range(count)]
 
 
+def texts(
+    scene: Scene, rng: random.Random, questions_per_scene: int, follow_ups: float = 0.3
+) -> list[tuple[str, str]]:
+    """(prompt, target) pairs about ``scene``: its caption (empty prompt), then
+    ``questions_per_scene`` questions, a ``follow_ups`` share of them after 1-6 earlier
+    turns of a conversation."""
+    pairs = [("", caption(scene))]
+    asked = questions(scene, rng)
+    for qa in rng.sample(asked, min(questions_per_scene, len(asked))):
+        turns = []
+        if rng.random() < follow_ups:
+            earlier = [questions(scene, rng) for _ in range(2)]
+            pool = [q for group in earlier for q in group]
+            turns = [(q.question, q.answer) for q in rng.sample(pool, rng.randint(1, 6))]
+        pairs.append((conversation_prompt(turns, qa.question), qa.answer))
+    return pairs
+
+
 def samples(
-    count: int, seed: int, *, vqa_per_image: int = 2, size: int = RENDER_SIZE
+    count: int,
+    seed: int,
+    *,
+    questions_per_scene: int = 3,
+    follow_ups: float = 0.3,
+    size: int = RENDER_SIZE,
 ) -> Iterator[Sample]:
-    """``count`` scenes, each as a caption sample plus ``vqa_per_image`` VQA samples."""
+    """``count`` scenes, each as a caption sample plus ``questions_per_scene`` questions
+    (:func:`texts`)."""
     rng = random.Random(seed ^ 0x5EED)
     for scene in scenes(count, seed):
         image = render(scene, size)
-        yield Sample(image, "", caption(scene), scene)
-        for question, answer in rng.sample(questions(scene, rng), vqa_per_image):
-            yield Sample(image, vqa_prompt(question), answer, scene)
+        for prompt, text in texts(scene, rng, questions_per_scene, follow_ups):
+            yield Sample(image, prompt, text, scene)
 
 
-def synthetic_examples(count: int, seed: int, *, vqa_per_image: int = 2) -> list[TrainExample]:
-    """:func:`samples` as stage-2 training examples (captions and VQA together)."""
+def synthetic_examples(
+    count: int, seed: int, *, questions_per_scene: int = 3, follow_ups: float = 0.3
+) -> list[TrainExample]:
+    """:func:`samples` as stage-2 training examples (captions and questions together)."""
     return [
-        TrainExample(
-            s.image, s.text, s.prompt, origin=f"synthetic scene {i // (1 + vqa_per_image)}"
+        TrainExample(s.image, s.text, s.prompt, origin=f"synthetic scene {s.scene.seed}")
+        for s in samples(
+            count, seed, questions_per_scene=questions_per_scene, follow_ups=follow_ups
         )
-        for i, s in enumerate(samples(count, seed, vqa_per_image=vqa_per_image))
     ]
 
 
-def cell_labels(scene: Scene) -> list[int]:
-    """Per grid cell (row-major): 0 if empty, else 1 + index of (shape, colour, size).
-
-    The demo's vision encoder is pre-trained to predict these from the pixels."""
-    labels = [0] * (GRID * GRID)
-    for obj in scene.objects:
-        index = (SHAPES.index(obj.shape) * len(COLORS) + list(COLORS).index(obj.color)) * len(
-            SIZES
-        ) + SIZES.index(obj.size)
-        labels[obj.row * GRID + obj.col] = 1 + index
-    return labels
-
-
-NUM_CELL_CLASSES = 1 + len(SHAPES) * len(COLORS) * len(SIZES)
-
-# One token per cell label, in label order: the demo language model's "scene language".
-CELL_TOKENS: tuple[str, ...] = (
-    "<cell:empty>",
-    *(f"<cell:{size}-{color}-{shape}>" for shape in SHAPES for color in COLORS for size in SIZES),
-)
-
-
-def cell_tokens(scene: Scene) -> list[str]:
-    """The scene as 9 cell tokens, row-major: ``<cell:small-red-circle>`` or ``<cell:empty>``."""
-    return [CELL_TOKENS[label] for label in cell_labels(scene)]
-
-
 def corpus(count: int, seed: int) -> list[str]:
-    """Every prompt and target text of ``count`` scenes: the demo tokenizer's and language
-    model's training text (no images needed)."""
+    """Every prompt and target text of ``count`` scenes: the demo tokenizer's training text."""
     rng = random.Random(seed)
-    texts = []
+    lines = []
     for scene in scenes(count, seed):
-        texts.append(caption(scene))
-        for question, answer in questions(scene, rng):
-            texts.append(f"{vqa_prompt(question)} {answer}")
-    return texts
+        lines += [f"{prompt} {target}".strip() for prompt, target in texts(scene, rng, 8)]
+    return lines
