@@ -31,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -82,20 +84,20 @@ class DemoRecipe:
     patch_size: int = 16
     hidden: int = 128
     vision_layers: int = 4
-    qformer_layers: int = 4
+    qformer_layers: int = 2  # the reader's reading head, then stage 2's start
     text_layers: int = 4
     heads: int = 4
     num_query_tokens: int = SCENE_LENGTH  # one per scene token, the language model's prefix
     max_positions: int = 256  # room for a conversation of several turns
     vocab_size: int = 512
     tokenizer_scenes: int = 3000
-    vision_scenes: int = 12000
-    vision_steps: int = 3000
+    vision_scenes: int = 20000
+    vision_steps: int = 6000  # small shapes are the slowest thing it learns
     text_scenes: int = 10000
     text_steps: int = 4000
     text_lr: float = 1e-3
     stage2_scenes: int = 8000
-    stage2_steps: int = 6000
+    stage2_steps: int = 2000  # from the reader's Q-Former: the loss is flat by then
     stage2_batch: int = 48
     stage2_lr: float = 1e-3
     stage2_threads: int = 2  # steps 2 and 3 use one core each; stage 2 has both
@@ -143,7 +145,8 @@ def build(
     qformer_config = _qformer_config(recipe)
     # Steps 2 and 3 need nothing of each other: each runs in its own single-threaded
     # process (so the weights stay the same as run one after the other).
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, spawn, initializer=_exit_with, initargs=(os.getpid(),)) as pool:
         vision_job = pool.submit(_pretrain_image_encoder, recipe, qformer_config)
         text_job = pool.submit(_pretrain_text, recipe, tokenizer_dir) if reused is None else None
         (vision_config, reader_state), scene_accuracy, timings["image encoder"] = (
@@ -233,6 +236,18 @@ def build(
 def _processor(recipe: DemoRecipe) -> ImageProcessor:
     size = {"height": recipe.image_size, "width": recipe.image_size}
     return ImageProcessor.from_dict({**BLIP2_PREPROCESSOR_CONFIG, "size": size})
+
+
+def _exit_with(parent: int) -> None:
+    """In a worker: end this process when ``parent`` is gone (a killed build must not leave
+    its workers training for half an hour)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _qformer_config(recipe: DemoRecipe) -> QFormerConfig:
