@@ -92,7 +92,7 @@ class DemoRecipe:
     vocab_size: int = 512
     tokenizer_scenes: int = 3000
     vision_scenes: int = 20000
-    vision_steps: int = 6000  # small shapes are the slowest thing it learns
+    vision_steps: int = 8000  # small shapes are the slowest thing it learns (docs/demo-model.md)
     text_scenes: int = 10000
     text_steps: int = 4000
     text_lr: float = 1e-3
