@@ -89,7 +89,7 @@ def test_demo_understands_a_users_own_drawings(demo):
     assert demo.ask(two_circles, "how many circles are there?") == "two"
     assert demo.ask(two_circles, "how many shapes are there?") == "two"
     assert demo.ask(circle_over_square, "what shape is the red object?") == "circle"
-    assert demo.ask(circle_over_square, "where is the square?") == "at the bottom"
+    assert demo.ask(circle_over_square, "what is at the bottom?") == "a small blue square"
     assert demo.ask(triangle, "is there a triangle?") == "yes"
     assert demo.ask(triangle, "what is in the picture?") == "a big green triangle"
 
@@ -107,7 +107,7 @@ def test_a_conversation_of_several_turns_fits(demo):
         "what color is the circle?": "red",
         "what size is the square?": "big",
         "how many shapes are there?": "two",
-        "where is the circle?": "on the left",
+        "what is on the left?": "a small red circle",
     }
     messages = []
     for question, answer in expected.items():

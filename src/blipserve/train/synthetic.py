@@ -17,9 +17,10 @@ The demo model's whole world (docs/demo-model.md states it for users):
 Questions come in several phrasings per kind (:func:`questions`), each with one right
 answer: colour ("what colour is the circle?" -> "red"), shape ("what shape is it?"),
 size, count ("how many circles are there?" -> "two"), yes/no ("is there a blue square?"),
-position ("where is the star?" -> "on the left"), a description ("what is in the
+position ("what is on the left?" -> "a big red circle"), a description ("what is in the
 picture?" -> the caption) and questions from outside this world ("who is this?"), whose
-answer is "i don't know".
+answer is "i don't know"; so is "where is the star?", which the demo's language model did
+not learn to answer.
 """
 
 from __future__ import annotations
@@ -229,6 +230,10 @@ UNKNOWN = (
     "what game is this?",
     "what sound does the {shape} make?",
     "who drew the {shape}?",
+    # A small language model did not learn to name an object's place (docs/demo-model.md),
+    # so the demo says it does not know rather than guess; "what is on the left?" it answers.
+    "where is the {shape}?",
+    "where is the {color} {shape}?",
 )
 REFERENCE_PARTS = (
     ("shape",),
@@ -372,11 +377,6 @@ def _position_question(scene: Scene, rng: random.Random) -> QA | None:
     if scene.layout == "single":
         return None
     places = PLACES[scene.layout][len(scene.objects)]
-    if rng.random() < 0.5:
-        obj, ref = _pick_reference(scene, "", rng)
-        if obj is None:
-            return None
-        return QA("position", f"where is {ref}?", places[scene.objects.index(obj)])
     index = rng.randrange(len(scene.objects))
     return QA("position", f"what is {places[index]}?", scene.objects[index].phrase())
 
