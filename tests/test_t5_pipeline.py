@@ -28,23 +28,10 @@ MAX_NEW = 10
 
 
 @pytest.fixture(scope="module")
-def root(t5_checkpoint_root):
-    return t5_checkpoint_root
-
-
-@pytest.fixture(scope="module")
-def reference(t5_reference_model):
-    return t5_reference_model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_t5_checkpoint):
-    return tiny_t5_checkpoint
-
-
-@pytest.fixture(scope="module")
-def t5_pipe(checkpoint):
-    return blipserve.load(str(checkpoint), device="cpu", dtype="float32", exif_transpose=False)
+def t5_pipe(tiny_t5_checkpoint):
+    return blipserve.load(
+        str(tiny_t5_checkpoint), device="cpu", dtype="float32", exif_transpose=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +40,10 @@ def images(photos):
 
 
 @pytest.fixture(scope="module")
-def reference_greedy(reference, checkpoint, images):
-    return reference_generate(reference, checkpoint, images, PROMPTS, max_new_tokens=MAX_NEW)
+def reference_greedy(t5_reference_model, tiny_t5_checkpoint, images):
+    return reference_generate(
+        t5_reference_model, tiny_t5_checkpoint, images, PROMPTS, max_new_tokens=MAX_NEW
+    )
 
 
 def tokens(pipe, images, prompts, **gen) -> list[list[list[int]]]:
@@ -63,9 +52,9 @@ def tokens(pipe, images, prompts, **gen) -> list[list[list[int]]]:
 
 @pytest.mark.parametrize("layout", checkpoints.T5_LAYOUTS)
 def test_greedy_matches_reference_for_every_layout(
-    layout, root, reference, reference_greedy, images
+    layout, t5_checkpoint_root, t5_reference_model, reference_greedy, images
 ):
-    directory = checkpoints.save_checkpoint(reference, root, layout)
+    directory = checkpoints.save_checkpoint(t5_reference_model, t5_checkpoint_root, layout)
     pipe = blipserve.load(str(directory), device="cpu", dtype="float32", exif_transpose=False)
     assert tokens(pipe, images, PROMPTS, max_new_tokens=MAX_NEW) == reference_greedy
 
@@ -78,27 +67,33 @@ def test_greedy_matches_reference_for_every_layout(
     ],
     ids=["beam3-n2", "greedy-penalty-min"],
 )
-def test_generation_options_match_reference(gen, t5_pipe, reference, checkpoint, images):
-    expected = reference_generate(reference, checkpoint, images, PROMPTS, **gen)
+def test_generation_options_match_reference(
+    gen, t5_pipe, t5_reference_model, tiny_t5_checkpoint, images
+):
+    expected = reference_generate(t5_reference_model, tiny_t5_checkpoint, images, PROMPTS, **gen)
     assert tokens(t5_pipe, images, PROMPTS, **gen) == expected
 
 
-def test_the_prompt_goes_to_the_encoder_with_eos_and_no_bos(t5_pipe, checkpoint):
+def test_the_prompt_goes_to_the_encoder_with_eos_and_no_bos(t5_pipe, tiny_t5_checkpoint):
     """T5's tokenizer: no BOS, ``</s>`` (1) after every prompt; captioning is ``[</s>]``."""
     tokenizer = t5_pipe.tokenizer
     assert tokenizer.bos_token_id is None and tokenizer.eos_token_id == 1
     assert tokenizer.encode("") == [1]
     assert tokenizer.encode("a photo of")[-1] == 1
-    theirs = AutoTokenizer.from_pretrained(checkpoint)
+    theirs = AutoTokenizer.from_pretrained(tiny_t5_checkpoint)
     for text in [*PROMPTS, "Café, naïve 東京  two   spaces", "x <image> y"]:
         assert tokenizer.encode(text) == theirs(text).input_ids, text
 
 
-def test_caption_ask_chat_and_stream(t5_pipe, images, reference, checkpoint):
+def test_caption_ask_chat_and_stream(t5_pipe, images, t5_reference_model, tiny_t5_checkpoint):
     image = images[0]
     question = "what is in the picture?"
     expected = reference_generate(
-        reference, checkpoint, [image], [f"Question: {question} Answer:"], max_new_tokens=MAX_NEW
+        t5_reference_model,
+        tiny_t5_checkpoint,
+        [image],
+        [f"Question: {question} Answer:"],
+        max_new_tokens=MAX_NEW,
     )[0][0]
     answer = t5_pipe.ask(image, question, max_new_tokens=MAX_NEW)
     assert answer == t5_pipe.tokenizer.decode(expected)
@@ -119,10 +114,10 @@ def test_caption_ask_chat_and_stream(t5_pipe, images, reference, checkpoint):
     assert t5_pipe.room("a very long prompt " * 100) == t5_pipe.context_length > 0
 
 
-def test_cli_caption_on_a_flan_t5_checkpoint(checkpoint, t5_pipe, photos, tmp_path):
+def test_cli_caption_on_a_flan_t5_checkpoint(tiny_t5_checkpoint, t5_pipe, photos, tmp_path):
     path = tmp_path / "cat.jpg"
     photos["chelsea"].save(path, quality=95)
-    flags = ["--model", str(checkpoint), "--device", "cpu", "--dtype", "float32"]
+    flags = ["--model", str(tiny_t5_checkpoint), "--device", "cpu", "--dtype", "float32"]
     done = subprocess.run(
         [sys.executable, "-m", "blipserve", "caption", str(path), *flags, "--max-new-tokens", "6"],
         capture_output=True,
@@ -132,16 +127,18 @@ def test_cli_caption_on_a_flan_t5_checkpoint(checkpoint, t5_pipe, photos, tmp_pa
     assert done.stdout.decode().splitlines() == t5_pipe.caption([str(path)], max_new_tokens=6)
 
 
-def test_float16_is_refused_and_auto_never_picks_it(checkpoint):
+def test_float16_is_refused_and_auto_never_picks_it(tiny_t5_checkpoint):
     with pytest.raises(InvalidRequest, match="float16"):
-        blipserve.load(str(checkpoint), device="cpu", dtype="float16")
+        blipserve.load(str(tiny_t5_checkpoint), device="cpu", dtype="float16")
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu, float16_ok=False) in (torch.float32, torch.bfloat16)
     assert resolve_dtype("float16", cpu) == torch.float16  # OPT keeps float16
 
 
-def test_bfloat16_loads_and_generates(checkpoint, images):
-    pipe = blipserve.load(str(checkpoint), device="cpu", dtype="bfloat16", for_training=True)
+def test_bfloat16_loads_and_generates(tiny_t5_checkpoint, images):
+    pipe = blipserve.load(
+        str(tiny_t5_checkpoint), device="cpu", dtype="bfloat16", for_training=True
+    )
     assert pipe.model.language_model.shared.weight.dtype == torch.bfloat16
     assert pipe.model.qformer.layernorm.weight.dtype == torch.float32
     out = pipe.generate(images[:2], ["", "a photo of"], max_new_tokens=4)
@@ -185,8 +182,10 @@ def test_flan_t5_xl_config_reads_with_reference_defaults():
     assert round_trip == config and config.to_hf()["use_decoder_only_language_model"] is False
 
 
-def test_embedding_copies_are_skipped_with_a_reason(root, reference):
-    directory = checkpoints.save_checkpoint(reference, root, "with-embedding-copies")
+def test_embedding_copies_are_skipped_with_a_reason(t5_checkpoint_root, t5_reference_model):
+    directory = checkpoints.save_checkpoint(
+        t5_reference_model, t5_checkpoint_root, "with-embedding-copies"
+    )
     index = json.loads((directory / "config.json").read_text())
     assert index["text_config"]["tie_word_embeddings"] is False
     reasons = [reason for pattern, reason in SKIPPED.items() if "embed_tokens" in pattern]
@@ -194,14 +193,14 @@ def test_embedding_copies_are_skipped_with_a_reason(root, reference):
     assert isinstance(Tokenizer.from_pretrained(directory), Tokenizer)
 
 
-def test_batch_command_on_a_flan_t5_checkpoint(checkpoint, t5_pipe, photos, tmp_path):
+def test_batch_command_on_a_flan_t5_checkpoint(tiny_t5_checkpoint, t5_pipe, photos, tmp_path):
     """``blipserve batch`` on a folder: the managed endpoint's predictions.csv, each row the
     Pipeline's caption of its image."""
     folder = tmp_path / "images"
     folder.mkdir()
     for name in ("chelsea", "coffee"):
         photos[name].save(folder / f"{name}.jpg", quality=95)
-    flags = ["--model", str(checkpoint), "--device", "cpu", "--dtype", "float32"]
+    flags = ["--model", str(tiny_t5_checkpoint), "--device", "cpu", "--dtype", "float32"]
     done = subprocess.run(
         [sys.executable, "-m", "blipserve", "batch", str(folder), str(tmp_path / "out"),
          *flags, "--max-new-tokens", "6", "--no-progress"],
