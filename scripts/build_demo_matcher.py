@@ -4,7 +4,7 @@
     python scripts/build_demo_matcher.py --output DIR --steps 100   # a quick try elsewhere
 
 The recipe is ``blipserve train --stage 1 --model demo`` (docs/stage1.md): the demo
-model's frozen image encoder, a fresh Q-Former of the demo's shape (4 layers, 9 queries,
+model's frozen image encoder, a fresh Q-Former of the demo's shape (2 layers, 4 queries,
 hidden 128) whose text vocabulary is the demo tokenizer plus ``[CLS]`` and ``[DEC]``, on
 synthetic scenes (seed 0). The encoder runs once per training image (the features are
 kept), so the run fits in minutes on a CPU. It then measures image -> caption retrieval
@@ -67,8 +67,8 @@ def evaluate(directory: Path, eval_scenes: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=OUTPUT)
-    parser.add_argument("--scenes", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--scenes", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval-scenes", type=int, default=200)
