@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 import blipserve
 from blipserve.resolve import demo_checkpoint
+from blipserve.train.drawn import draw_scenes
 from tests.examples import EXAMPLES, example_captions
 
 
@@ -75,8 +76,8 @@ def test_demo_understands_a_users_own_drawings(demo):
     two_circles = picture(
         ("circle", "yellow", (40, 92, 80, 132)), ("circle", "yellow", (140, 92, 180, 132))
     )
-    circle_over_square = picture(
-        ("circle", "red", (87, 20, 137, 70)), ("square", "blue", (82, 120, 142, 180))
+    circle_over_square = picture(  # both small: under 22% of the image side
+        ("circle", "red", (90, 24, 134, 68)), ("square", "blue", (89, 130, 135, 176))
     )
     assert demo.caption([square, triangle, two_circles, circle_over_square]) == [
         "a big blue square",
@@ -87,9 +88,11 @@ def test_demo_understands_a_users_own_drawings(demo):
     assert demo.ask(square, "what shape is it?") == "square"
     assert demo.ask(square, "what color is it?") == "blue"
     assert demo.ask(two_circles, "how many circles are there?") == "two"
+    assert demo.ask(square, "how many stars are there?") == "zero"
     assert demo.ask(two_circles, "how many shapes are there?") == "two"
     assert demo.ask(circle_over_square, "what shape is the red object?") == "circle"
     assert demo.ask(circle_over_square, "what is at the bottom?") == "a small blue square"
+    assert demo.ask(circle_over_square, "where is the square?") == "i don't know"
     assert demo.ask(triangle, "is there a triangle?") == "yes"
     assert demo.ask(triangle, "what is in the picture?") == "a big green triangle"
 
@@ -99,22 +102,21 @@ def test_a_question_from_outside_its_world_gets_i_dont_know(demo):
     assert demo.ask(circle, "who is this?") == "i don't know"
 
 
-def test_a_conversation_of_several_turns_fits(demo):
-    """256 positions: five questions and answers about one image, each answer right."""
-    image = picture(("circle", "red", (20, 80, 70, 130)), ("square", "blue", (120, 60, 210, 150)))
-    expected = {
-        "what is in the picture?": "a small red circle to the left of a big blue square",
-        "what color is the circle?": "red",
-        "what size is the square?": "big",
-        "how many shapes are there?": "two",
-        "what is on the left?": "a small red circle",
-    }
-    messages = []
-    for question, answer in expected.items():
-        messages.append({"role": "user", "content": question})
-        reply = demo.chat(image, messages)
-        assert reply == answer, (question, reply)
-        messages.append({"role": "assistant", "content": reply})
+def test_conversations_of_several_turns_fit_and_stay_right(demo):
+    """256 positions hold six questions and answers about one image; over 20 scenes drawn
+    independently of the generator (a seed the evaluation does not use), >= 90% of the
+    answers are right with the earlier turns in the prompt (MODEL_CARD.md: 95.4% of 480)."""
+    right = total = 0
+    for scene in draw_scenes(20, seed=4242):
+        messages = []
+        for question, answer in scene.questions()[:6]:
+            messages.append({"role": "user", "content": question})
+            reply = demo.chat(scene.image, messages)
+            messages.append({"role": "assistant", "content": reply})
+            right, total = right + (reply == answer), total + 1
+        _, dropped = demo.fit_chat(messages[:-1], max_new_tokens=40)  # the demo's default
+        assert dropped == 0, messages
+    assert right / total >= 0.9, f"{right} of {total} answers right"
 
 
 def test_cli_uses_the_demo_by_default():
@@ -140,12 +142,13 @@ def test_batch_on_the_examples_writes_the_managed_endpoints_csv(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "predictions.csv").read_bytes() == (
-        b'0,"a small green square, a big yellow triangle and a big blue star in a row",'
+        b'0,"a big purple triangle, a small yellow square and a small blue star in a row",'
         b"scene-1.png\n"
-        b"0,a small orange star above a big green triangle,scene-2.png\n"
-        b"0,a small blue triangle to the left of a big orange square,scene-3.png\n"
-        b"0,a big green circle above a big red triangle,scene-4.png\n"
-        b'0,"a big blue square, a big green circle and a small purple star in a row",'
-        b"scene-5.png\n"
-        b"0,a small orange square to the left of a small red triangle,scene-6.png\n"
+        b'0,"a small red circle, a small orange star and a small green triangle in a row",'
+        b"scene-2.png\n"
+        b'0,"a small blue star, a small green square and a small green star in a column",'
+        b"scene-3.png\n"
+        b"0,a small orange square,scene-4.png\n"
+        b"0,a big yellow circle,scene-5.png\n"
+        b"0,a small red circle to the left of a small blue square,scene-6.png\n"
     )
