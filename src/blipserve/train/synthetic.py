@@ -259,9 +259,9 @@ def questions(scene: Scene, rng: random.Random) -> list[QA]:
     """One question of each kind that fits ``scene``, phrasing drawn from ``rng``; every
     answer is the only right one."""
     asked = [
-        _color_question(scene, rng),
-        _shape_question(scene, rng),
-        _size_question(scene, rng),
+        _attribute_question(scene, "color", rng),
+        _attribute_question(scene, "shape", rng),
+        _attribute_question(scene, "size", rng),
         _count_question(scene, rng),
         _count_question(scene, rng),  # counting is the slowest kind to learn
         _yes_no_question(scene, rng),
@@ -296,30 +296,21 @@ def _pick_reference(scene: Scene, leave_out: str, rng: random.Random):
     return rng.choice(choices) if choices else (None, "")
 
 
-def _color_question(scene: Scene, rng: random.Random) -> QA | None:
-    obj, ref = _pick_reference(scene, "color", rng)
+ATTRIBUTE_TEMPLATES = {
+    "color": ("what color is {}?", "what colour is {}?", "which color is {}?"),
+    "shape": ("what shape is {}?", "what kind of shape is {}?", "which shape is {}?"),
+    "size": ("what size is {}?", "is {} big or small?", "is {} small or big?", "how big is {}?"),
+}
+
+
+def _attribute_question(scene: Scene, attribute: str, rng: random.Random) -> QA | None:
+    """ "what color is the big star?" -> "red": one object's colour, shape or size, the
+    object named by its other properties; None when no object can be named alone."""
+    obj, ref = _pick_reference(scene, attribute, rng)
     if obj is None:
         return None
-    template = rng.choice(("what color is {}?", "what colour is {}?", "which color is {}?"))
-    return QA("color", template.format(ref), obj.color)
-
-
-def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
-    obj, ref = _pick_reference(scene, "shape", rng)
-    if obj is None:
-        return None
-    template = rng.choice(("what shape is {}?", "what kind of shape is {}?", "which shape is {}?"))
-    return QA("shape", template.format(ref), obj.shape)
-
-
-def _size_question(scene: Scene, rng: random.Random) -> QA | None:
-    obj, ref = _pick_reference(scene, "size", rng)
-    if obj is None:
-        return None
-    template = rng.choice(
-        ("what size is {}?", "is {} big or small?", "is {} small or big?", "how big is {}?")
-    )
-    return QA("size", template.format(ref), obj.size)
+    template = rng.choice(ATTRIBUTE_TEMPLATES[attribute])
+    return QA(attribute, template.format(ref), getattr(obj, attribute))
 
 
 def _count_question(scene: Scene, rng: random.Random) -> QA:
