@@ -109,7 +109,7 @@ def test_conversations_of_several_turns_fit_and_stay_right(demo):
     right = total = 0
     for scene in draw_scenes(20, seed=4242):
         messages = []
-        for question, answer in scene.questions()[:6]:
+        for _, question, answer in scene.questions()[:6]:
             messages.append({"role": "user", "content": question})
             reply = demo.chat(scene.image, messages)
             messages.append({"role": "assistant", "content": reply})

@@ -47,29 +47,30 @@ class Drawn:
             return f"{names[0]} {'to the left of' if self.layout == 'row' else 'above'} {names[1]}"
         return f"{names[0]}, {names[1]} and {names[2]} in a {self.layout}"
 
-    def questions(self) -> list[tuple[str, str]]:
-        """(question, answer) pairs in the phrasings a user would type."""
+    def questions(self) -> list[tuple[str, str, str]]:
+        """(kind, question, answer) triples in the phrasings a user would type; the kinds
+        are the generator's names ("count", "describe", "shape", "color", "size")."""
         shapes = [shape for _, _, shape in self.things]
         colors = [color for _, color, _ in self.things]
         asked = [
-            ("how many shapes are there?", WORDS[len(self.things)]),
-            ("what is in the picture?", self.caption),
+            ("count", "how many shapes are there?", WORDS[len(self.things)]),
+            ("describe", "what is in the picture?", self.caption),
         ]
         if len(self.things) == 1:
             size, color, shape = self.things[0]
             asked += [
-                ("what shape is it?", shape),
-                ("what color is it?", color),
-                ("is it big or small?", size),
+                ("shape", "what shape is it?", shape),
+                ("color", "what color is it?", color),
+                ("size", "is it big or small?", size),
             ]
         for size, color, shape in self.things:
             if shapes.count(shape) == 1:
-                asked.append((f"what color is the {shape}?", color))
-                asked.append((f"what size is the {shape}?", size))
+                asked.append(("color", f"what color is the {shape}?", color))
+                asked.append(("size", f"what size is the {shape}?", size))
             if colors.count(color) == 1:
-                asked.append((f"what shape is the {color} object?", shape))
+                asked.append(("shape", f"what shape is the {color} object?", shape))
         for shape in KINDS:
-            asked.append((f"how many {shape}s are there?", WORDS[shapes.count(shape)]))
+            asked.append(("count", f"how many {shape}s are there?", WORDS[shapes.count(shape)]))
         return asked
 
 

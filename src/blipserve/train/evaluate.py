@@ -29,6 +29,7 @@ from blipserve.train.synthetic import (
     COLORS,
     QA,
     SHAPES,
+    Scene,
     caption,
     questions,
     render,
@@ -79,12 +80,10 @@ def evaluate_synthetic(
     """Caption every held-out scene and ask each of its questions; greedy decoding."""
     held_out = scenes(count, seed)
     images = [render(scene) for scene in held_out]
-    rng = random.Random(seed)
-    asked = [(i, qa) for i, scene in enumerate(held_out) for qa in questions(scene, rng)]
     return _score(
         _pipeline_completer(pipe, images),
         [caption(scene) for scene in held_out],
-        asked,
+        _asked(held_out, seed),
         batch_size,
         name="held-out generated scenes",
     )
@@ -95,11 +94,7 @@ def evaluate_drawn(
 ) -> EvalReport:
     """The same scoring on scenes drawn independently of the generator."""
     drawn = draw_scenes(count, seed)
-    asked = [
-        (i, QA(_kind(question), question, answer))
-        for i, scene in enumerate(drawn)
-        for question, answer in scene.questions()
-    ]
+    asked = [(i, QA(*triple)) for i, scene in enumerate(drawn) for triple in scene.questions()]
     return _score(
         _pipeline_completer(pipe, [scene.image for scene in drawn]),
         [scene.caption for scene in drawn],
@@ -107,21 +102,6 @@ def evaluate_drawn(
         batch_size,
         name="independently drawn scenes",
     )
-
-
-def _kind(question: str) -> str:
-    """The kind of a drawn scene's question, named as the generator names its kinds."""
-    for words, kind in (
-        ("how many", "count"),
-        ("color", "color"),
-        ("shape is", "shape"),
-        ("size", "size"),
-        ("big or small", "size"),
-        ("in the picture", "describe"),
-    ):
-        if words in question:
-            return kind
-    raise ValueError(f"no kind for {question!r}")
 
 
 def _pipeline_completer(pipe: Pipeline, images: list) -> Complete:
@@ -158,10 +138,16 @@ def evaluate_language_model(
         )
         return tokenizer.decode_batch([row[0].token_ids for row in rows])
 
-    rng = random.Random(seed)
-    asked = [(i, qa) for i, scene in enumerate(held_out) for qa in questions(scene, rng)]
     captions = [caption(scene) for scene in held_out]
+    asked = _asked(held_out, seed)
     return _score(complete, captions, asked, batch_size, name="held-out scenes, true tokens")
+
+
+def _asked(held_out: list[Scene], seed: int) -> list[tuple[int, QA]]:
+    """(scene index, question) for every question of every generated scene, phrasings
+    drawn from ``seed``: the same questions whoever answers them."""
+    rng = random.Random(seed)
+    return [(i, qa) for i, scene in enumerate(held_out) for qa in questions(scene, rng)]
 
 
 def _score(
